@@ -1,0 +1,40 @@
+"""jpeft: parameter-efficient fine-tuning for JAX/Flax with Hugging Face PEFT checkpoints.
+
+The public surface keeps PEFT's names::
+
+    peft_model = jpeft.get_peft_model(flax_model, jpeft.LoraConfig(r=8, target_modules=["c_attn"]))
+    peft_model.print_trainable_parameters()
+    peft_model.save_pretrained("out")      # loads in torch with peft.PeftModel.from_pretrained
+"""
+
+from jpeft import tuners as _tuners  # noqa: F401  (registers the methods)
+from jpeft.bindings.linen import LinenBinding
+from jpeft.config import PeftConfig, PeftType, TaskType
+from jpeft.core.modules import ModuleInfo
+from jpeft.core.registry import config_from_dict
+from jpeft.core.tree import combine, split
+from jpeft.errors import CheckpointError, ConfigError, JpeftError, NoMatchingModuleError
+from jpeft.mapping import get_peft_model
+from jpeft.peft_model import PeftModel, named_modules
+from jpeft.tuners.lora import LoraConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "JpeftError",
+    "LinenBinding",
+    "LoraConfig",
+    "ModuleInfo",
+    "NoMatchingModuleError",
+    "PeftConfig",
+    "PeftModel",
+    "PeftType",
+    "TaskType",
+    "combine",
+    "config_from_dict",
+    "get_peft_model",
+    "named_modules",
+    "split",
+]

@@ -1,0 +1,1 @@
+"""How each model system is driven (transformers Flax, linen; NNX to follow)."""

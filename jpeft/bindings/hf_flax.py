@@ -1,0 +1,97 @@
+"""Binding for transformers' Flax models (``FlaxPreTrainedModel``, transformers 4.x).
+
+Their parameter paths are the torch module names (``transformer.h.0.attn.c_attn``),
+which is what makes PEFT's ``target_modules`` and checkpoint keys apply unchanged.
+Module classes are read by tracing ``init_weights`` abstractly, which is how GPT-2's
+``FlaxConv1D`` (kernel stored ``(out, in)``) is told apart from ``nn.Dense``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jax
+
+from jpeft.bindings.linen import Hook, hooked, module_table, record_module_classes
+from jpeft.core.tree import PyTree, to_plain_dict
+
+# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, for the model types that
+# have Flax implementations in transformers 4.x.
+DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bloom": ["query_key_value"],
+}
+
+# Names transformers gives the output embedding (``get_output_embeddings()``).
+OUTPUT_EMBEDDING_NAMES = ("lm_head", "cls.predictions.decoder", "embed_out")
+
+
+def is_hf_flax_model(model: Any) -> bool:
+    try:
+        from transformers import FlaxPreTrainedModel
+    except ImportError:  # transformers not installed: it cannot be one
+        return False
+    return isinstance(model, FlaxPreTrainedModel)
+
+
+class HFFlaxBinding:
+    """Drives a ``transformers.FlaxPreTrainedModel`` through its own ``__call__``."""
+
+    def __init__(self, model: Any):
+        if getattr(model, "params", None) is None:
+            raise ValueError(
+                f"{type(model).__name__} has no parameters (built with `_do_init=False`?). Load or initialise "
+                "its params first, e.g. `model.params = model.init_weights(jax.random.key(0), model.input_shape)`."
+            )
+        self.model = model
+        self.params = to_plain_dict(model.params)
+        classes = record_module_classes(lambda: model.init_weights(jax.random.key(0), model.input_shape))
+        self.modules = module_table(self.params, classes)
+        self.config = model.config
+        self.model_type = getattr(model.config, "model_type", None)
+        self.class_name = type(model).__name__
+        self.name_or_path = getattr(model.config, "_name_or_path", None) or None
+        self.output_embedding_names = frozenset(n for n in OUTPUT_EMBEDDING_NAMES if n in self.modules)
+
+    @property
+    def torch_class_name(self) -> str:
+        return self.class_name.removeprefix("Flax")
+
+    @property
+    def torch_module_path(self) -> str:
+        return type(self.model).__module__.replace(".modeling_flax_", ".modeling_")
+
+    def run(
+        self,
+        params: PyTree,
+        hook: Hook | None,
+        names: frozenset[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        train: bool,
+        dropout_rng: jax.Array | None,
+    ) -> Any:
+        with hooked(hook, names):
+            return self.model(*args, params=params, dropout_rng=dropout_rng, train=train, **kwargs)
+
+    def with_params(self, params: PyTree) -> Any:
+        """A shallow copy of the HF model holding ``params`` (the original is left as it was)."""
+        new = copy.copy(self.model)
+        new._params = params
+        return new

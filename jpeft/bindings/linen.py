@@ -1,0 +1,191 @@
+"""Binding for Flax linen: a module plus its ``params`` tree.
+
+Adapters reach a linen model without rewriting it: the forward pass runs inside
+``flax.linen.intercept_methods``, and the interceptor adds each targeted module's
+adapter contribution to that module's output. The base parameters go in unchanged
+(or with ``modules_to_save``/bias overrides substituted), so the same function
+works under ``jit``, ``grad`` and ``vmap``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from jpeft.core.modules import ModuleInfo, module_name
+from jpeft.core.tree import Path, PyTree, iter_leaves, to_plain_dict
+
+# hook(module name, module input, module output) -> new output
+Hook = Callable[[str, jax.Array, jax.Array], jax.Array]
+
+
+def describe_module(path: Path, cls: type | None, own_shapes: Mapping[str, tuple[int, ...]]) -> ModuleInfo:
+    """Classifies one module from its class (when known) and the shapes of its own leaves."""
+    name = module_name(path)
+    type_name = cls.__name__ if cls is not None else ("Dense" if "kernel" in own_shapes else "Module")
+    kernel = own_shapes.get("kernel")
+    embedding = own_shapes.get("embedding")
+
+    is_conv1d = type_name == "FlaxConv1D"  # transformers' GPT-2 style layer: kernel (out, in)
+    is_dense = cls is None or (isinstance(cls, type) and issubclass(cls, nn.Dense))
+    if kernel is not None and len(kernel) == 2 and (is_dense or is_conv1d):
+        out_f, in_f = kernel if is_conv1d else kernel[::-1]
+        return ModuleInfo(
+            name=name,
+            path=path,
+            kind="linear",
+            type_name=type_name,
+            torch_type="Conv1D" if is_conv1d else "Linear",
+            in_features=int(in_f),
+            out_features=int(out_f),
+            weight_name="kernel",
+            kernel_transposed=is_conv1d,
+            param_shapes=dict(own_shapes),
+        )
+    is_embed = cls is None or (isinstance(cls, type) and issubclass(cls, nn.Embed))
+    if embedding is not None and len(embedding) == 2 and is_embed:
+        return ModuleInfo(
+            name=name,
+            path=path,
+            kind="embedding",
+            type_name=type_name if cls is not None else "Embed",
+            torch_type="Embedding",
+            in_features=int(embedding[0]),
+            out_features=int(embedding[1]),
+            weight_name="embedding",
+            param_shapes=dict(own_shapes),
+        )
+    return ModuleInfo(
+        name=name,
+        path=path,
+        kind="other",
+        type_name=type_name,
+        torch_type=type_name,
+        param_shapes=dict(own_shapes),
+    )
+
+
+def module_table(
+    params: Mapping[str, Any], classes: Mapping[Path, type] | None = None
+) -> dict[str, ModuleInfo]:
+    """Every module that owns parameters, and every container above one, in tree order.
+
+    Containers (``transformer.h``) are listed with kind ``"other"`` so that names used
+    by ``modules_to_save`` resolve as torch's ``named_modules()`` would.
+    """
+    own: dict[Path, dict[str, tuple[int, ...]]] = {}
+    for path, leaf in iter_leaves(params):
+        for i in range(1, len(path) - 1):
+            own.setdefault(path[:i], {})
+        own.setdefault(path[:-1], {})[path[-1]] = tuple(getattr(leaf, "shape", ()))
+    table: dict[str, ModuleInfo] = {}
+    for path, shapes in own.items():
+        if not path:
+            continue  # root-level leaves (e.g. BART's final_logits_bias) belong to no named module
+        cls = classes.get(path) if classes is not None else None
+        table[module_name(path)] = describe_module(path, cls, shapes)
+    return table
+
+
+def record_module_classes(run: Callable[[], Any]) -> dict[Path, type]:
+    """Traces ``run`` abstractly and records the class of every module called by path."""
+    classes: dict[Path, type] = {}
+
+    def recorder(next_fun, args, kwargs, context):
+        if context.method_name == "__call__":
+            path = tuple(context.module.path)
+            classes.setdefault(path, type(context.module))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(recorder):
+        jax.eval_shape(run)
+    return classes
+
+
+@contextlib.contextmanager
+def hooked(hook: Hook | None, names: frozenset[str]) -> Iterator[None]:
+    """Runs the enclosed linen calls with ``hook`` applied to the modules named in ``names``."""
+    if hook is None or not names:
+        yield
+        return
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        name = ".".join(context.module.path)
+        out = next_fun(*args, **kwargs)
+        if name in names:
+            return hook(name, args[0], out)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+class LinenBinding:
+    """Drives a plain ``flax.linen`` module.
+
+    Args:
+      module: the linen module.
+      params: its ``params`` collection (the ``"params"`` entry of ``module.init``'s
+        result, or the whole variables dict with a ``"params"`` key).
+      example_args: optional arguments of one forward call. When given, module classes
+        are read by an abstract trace, so custom layers are classified exactly;
+        without them a 2-D ``kernel`` is taken to be a ``Dense`` ``(in, out)`` kernel
+        and a 2-D ``embedding`` an ``Embed`` table.
+      other_variables: non-param collections (e.g. ``batch_stats``) passed through.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        params: PyTree,
+        *,
+        example_args: tuple[Any, ...] | None = None,
+        other_variables: Mapping[str, Any] | None = None,
+    ):
+        params = to_plain_dict(params)
+        if set(params) == {"params"} or ("params" in params and other_variables is None and len(params) > 1):
+            variables = dict(params)
+            params = variables.pop("params")
+            other_variables = {**variables, **(other_variables or {})}
+        self.module = module
+        self.params = params
+        self.other_variables = dict(other_variables or {})
+        classes = None
+        if example_args is not None:
+            classes = record_module_classes(
+                lambda: module.apply({"params": params, **self.other_variables}, *example_args)
+            )
+        self.modules = module_table(params, classes)
+        self.config = None
+        self.model_type = None
+        self.class_name = type(module).__name__
+        self.name_or_path = None
+        self.output_embedding_names: frozenset[str] = frozenset()
+
+    @property
+    def model(self) -> tuple[nn.Module, PyTree]:
+        return self.module, self.params
+
+    def run(
+        self,
+        params: PyTree,
+        hook: Hook | None,
+        names: frozenset[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        train: bool,
+        dropout_rng: jax.Array | None,
+    ) -> Any:
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+        with hooked(hook, names):
+            return self.module.apply({"params": params, **self.other_variables}, *args, rngs=rngs, **kwargs)
+
+    def with_params(self, params: PyTree) -> tuple[nn.Module, PyTree]:
+        return self.module, params

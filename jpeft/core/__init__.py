@@ -1,0 +1,1 @@
+"""Model-system agnostic core: paths, target matching, trees, registry."""

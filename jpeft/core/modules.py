@@ -1,0 +1,82 @@
+"""What the core knows about a model: its named modules and their weights.
+
+A binding (HF Flax, plain linen, NNX) describes a model as a table of
+:class:`ModuleInfo`, keyed by the module's name: the dot-joined path of the parent of
+its weights, which for transformers' Flax models is also the torch module name
+(``transformer.h.0.attn.c_attn``). Tuners only ever see this table and parameter
+trees, never a model system.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Literal
+
+from jpeft.core.tree import Path
+
+LayerKind = Literal["linear", "embedding", "other"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModuleInfo:
+    """One named module of a model.
+
+    Attributes:
+      name: dot-joined module name, e.g. ``model.layers.0.self_attn.q_proj``.
+      path: the module's path in the parameter tree.
+      kind: ``"linear"`` (a dense layer), ``"embedding"`` (a lookup table) or
+        ``"other"`` (anything else with parameters, e.g. a norm).
+      type_name: the module's class name (``Dense``, ``FlaxConv1D``, ``Embed``, ...).
+      torch_type: the torch layer the weights correspond to (``Linear``, ``Conv1D``,
+        ``Embedding``), used for PEFT conventions such as ``fan_in_fan_out``.
+      in_features, out_features: as torch names them. For an embedding these are the
+        vocabulary size and the embedding width.
+      weight_name: the leaf holding the weight (``kernel`` or ``embedding``).
+      kernel_transposed: ``True`` when the Flax weight is stored ``(out, in)`` (GPT-2's
+        ``FlaxConv1D``) instead of Flax's usual ``(in, out)``.
+      param_shapes: shapes of the module's own leaves (not its children's).
+    """
+
+    name: str
+    path: Path
+    kind: LayerKind
+    type_name: str
+    torch_type: str
+    in_features: int | None = None
+    out_features: int | None = None
+    weight_name: str | None = None
+    kernel_transposed: bool = False
+    param_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def has_bias(self) -> bool:
+        return "bias" in self.param_shapes
+
+    @property
+    def weight_path(self) -> Path:
+        assert self.weight_name is not None, self.name
+        return (*self.path, self.weight_name)
+
+    @property
+    def bias_path(self) -> Path:
+        return (*self.path, "bias")
+
+    def describe(self) -> str:
+        if self.kind == "other":
+            return f"{self.name} ({self.type_name})"
+        return f"{self.name} ({self.type_name} {self.in_features}->{self.out_features})"
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path)
+
+
+def format_module_table(modules: Mapping[str, ModuleInfo], limit: int | None = None) -> str:
+    """A readable listing of the adaptable modules, for error messages and ``named_modules``."""
+    rows = [info.describe() for info in modules.values() if info.kind != "other"]
+    shown = rows if limit is None else rows[:limit]
+    text = "\n".join(f"  {row}" for row in shown)
+    if limit is not None and len(rows) > limit:
+        text += f"\n  ... and {len(rows) - limit} more (see `jpeft.named_modules(model)`)"
+    return text

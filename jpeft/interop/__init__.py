@@ -1,0 +1,1 @@
+"""PEFT checkpoint format: files and torch naming. The only code that touches files."""

@@ -1,0 +1,45 @@
+"""``get_peft_model``: the entry point, as in PEFT."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from jpeft.config import PeftConfig
+from jpeft.peft_model import PeftModel
+
+
+def get_peft_model(
+    model: Any,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    *,
+    key: jax.Array | None = None,
+) -> PeftModel:
+    """Wraps ``model`` with a new adapter described by ``peft_config``.
+
+    Args:
+      model: a transformers Flax model (``FlaxAutoModelFor...``, transformers 4.x), a
+        ``(linen_module, params)`` pair, or a binding such as ``jpeft.LinenBinding``.
+      peft_config: e.g. ``LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"])``.
+      adapter_name: name of the adapter (``"default"`` saves at the folder's root).
+      mixed: PEFT's mixed-method models; not supported (adapters of one model share
+        a method).
+      key: PRNG key for the adapter's initialisation (default ``jax.random.key(0)``).
+
+    Returns:
+      A :class:`PeftModel`; the input model and its params are not modified.
+
+    Example:
+      >>> model = FlaxAutoModelForCausalLM.from_pretrained("gpt2")
+      >>> peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["c_attn"]))
+      >>> peft_model.print_trainable_parameters()
+    """
+    if mixed:
+        raise NotImplementedError(
+            "mixed=True (PEFT's PeftMixedModel, adapters of different methods in one model) is not supported "
+            "by jpeft; use adapters of one method per PeftModel."
+        )
+    return PeftModel(model, peft_config, adapter_name, key=key)

@@ -1,0 +1,564 @@
+"""``PeftModel``: a base model, its adapters, and PEFT's API over them.
+
+State is three kinds of tree: the frozen base params, one adapter tree per adapter
+name, and (outside, in the user's hands) optimizer state. ``params`` bundles the
+first two as ``{"base": ..., "adapters": {name: ...}}``; ``apply`` is a pure function
+of that bundle (or of a trainable part plus a frozen part), so it can be jitted,
+differentiated and vmapped. The object itself only remembers which adapters exist
+and which are active, as PEFT's ``PeftModel`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import warnings
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.config import PEFT_FORMAT_VERSION, PeftConfig, TaskType
+from jpeft.core import registry
+from jpeft.core.modules import ModuleInfo
+from jpeft.core.tree import PyTree, combine, count_params, get_path, set_path, split
+from jpeft.errors import CheckpointError
+from jpeft.interop import checkpoint
+from jpeft.tuners.base import PEFT_PREFIX, KeyEntry
+
+_PIPELINE_TAGS = {
+    TaskType.CAUSAL_LM: "text-generation",
+    TaskType.SEQ_2_SEQ_LM: "text2text-generation",
+    TaskType.SEQ_CLS: "text-classification",
+    TaskType.TOKEN_CLS: "token-classification",
+    TaskType.QUESTION_ANS: "question-answering",
+    TaskType.FEATURE_EXTRACTION: "feature-extraction",
+}
+
+
+def bind(model: Any) -> Any:
+    """Wraps a supported model in its binding.
+
+    Accepts a transformers ``FlaxPreTrainedModel``, a ``(linen_module, params)`` pair,
+    or a binding (e.g. :class:`jpeft.bindings.linen.LinenBinding`).
+    """
+    from jpeft.bindings.hf_flax import HFFlaxBinding, is_hf_flax_model
+    from jpeft.bindings.linen import LinenBinding
+
+    if hasattr(model, "run") and hasattr(model, "modules") and hasattr(model, "params"):
+        return model
+    if is_hf_flax_model(model):
+        return HFFlaxBinding(model)
+    if isinstance(model, tuple) and len(model) == 2:
+        import flax.linen as nn
+
+        if isinstance(model[0], nn.Module):
+            return LinenBinding(model[0], model[1])
+    raise TypeError(
+        f"jpeft cannot adapt a {type(model).__name__}: pass a transformers Flax model (FlaxAutoModelFor...), "
+        "a `(linen_module, params)` pair, or `jpeft.bindings.LinenBinding(module, params, example_args=...)`."
+    )
+
+
+def named_modules(model: Any) -> dict[str, ModuleInfo]:
+    """The model's modules by name, with layer kind and shapes: torch's ``named_modules()`` for Flax.
+
+    Use it to pick ``target_modules``: ``{n: m for n, m in jpeft.named_modules(model).items()
+    if m.kind == "linear"}``.
+    """
+    if isinstance(model, PeftModel):
+        return dict(model._binding.modules)
+    return dict(bind(model).modules)
+
+
+class PeftModel:
+    """A Flax model with PEFT adapters. Build one with :func:`jpeft.get_peft_model`.
+
+    Attributes:
+      peft_config: ``{adapter name: config}`` as saved (targets resolved).
+      active_adapter: the adapter trained and used (``active_adapters`` for all).
+      base_model: the wrapped Flax model (transformers model or ``(module, params)``).
+      params: ``{"base": base params, "adapters": {name: adapter tree}}``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        *,
+        key: jax.Array | None = None,
+    ):
+        self._binding = bind(model)
+        self.base_params: PyTree = self._binding.params
+        self.adapters: dict[str, PyTree] = {}
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._plans: dict[str, Any] = {}
+        self._active: list[str] = []
+        self._disabled = False
+        self.add_adapter(adapter_name, peft_config, key=key)
+        self._active = [adapter_name]
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def base_model(self) -> Any:
+        return self._binding.model
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0] if len(self._active) == 1 else list(self._active)  # type: ignore[return-value]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"base": self.base_params, "adapters": dict(self.adapters)}
+
+    @params.setter
+    def params(self, value: Mapping[str, Any]) -> None:
+        expected = jax.tree.structure(self.params)
+        got = jax.tree.structure(dict(value))
+        if got != expected:
+            raise ValueError(
+                "`params` must have the structure of `peft_model.params` ({'base': ..., 'adapters': {...}}); "
+                "to update only the trained part use `peft_model.params = jpeft.combine(trainable, frozen)`."
+            )
+        self.base_params = value["base"]
+        self.adapters = dict(value["adapters"])
+
+    def _method(self, adapter_name: str) -> Any:
+        return registry.method_for(self.peft_config[adapter_name].peft_type)
+
+    def named_modules(self) -> dict[str, ModuleInfo]:
+        return dict(self._binding.modules)
+
+    def targeted_modules(self, adapter_name: str | None = None) -> list[str]:
+        """Names of the modules the adapter changes."""
+        return list(self._plans[adapter_name or self._active[0]].layers)
+
+    # ------------------------------------------------------------------ adapters
+
+    def add_adapter(
+        self, adapter_name: str, peft_config: PeftConfig, *, key: jax.Array | None = None
+    ) -> None:
+        """Adds a new adapter (not active, frozen), as PEFT's ``add_adapter``.
+
+        Args:
+          adapter_name: a plain folder-safe name (non-default adapters save in a
+            subfolder of that name).
+          peft_config: the adapter's config; same ``peft_type`` as existing adapters.
+          key: PRNG key for the adapter's init (default ``jax.random.key(0)``).
+        """
+        checkpoint.check_adapter_name(adapter_name)
+        if adapter_name in self.adapters:
+            raise ValueError(
+                f"adapter {adapter_name!r} already exists; pick another name or delete it first."
+            )
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(
+                f"`peft_config` must be a jpeft config (e.g. LoraConfig), got {type(peft_config).__name__}."
+            )
+        for other in self.peft_config.values():
+            if other.peft_type != peft_config.peft_type:
+                raise ValueError(
+                    f"Cannot combine adapters with different peft types ({other.peft_type.value} and "
+                    f"{peft_config.peft_type.value}) in one PeftModel."
+                )
+        if getattr(peft_config, "bias", "none") != "none" and any(
+            getattr(c, "bias", "none") != "none" for c in self.peft_config.values()
+        ):
+            raise ValueError(
+                "LoraModel supports only 1 adapter with bias. When using multiple adapters, set bias to 'none' "
+                "for all adapters."
+            )
+        method = registry.method_for(peft_config.peft_type)
+        plan = method.prepare(peft_config, self._binding)
+        key = jax.random.key(0) if key is None else key
+        adapter, new_base = method.init_params(plan, self.base_params, key)
+        config = plan.config
+        if config.base_model_name_or_path is None and self._binding.name_or_path:
+            config = dataclasses.replace(config, base_model_name_or_path=self._binding.name_or_path)
+            plan = dataclasses.replace(plan, config=config)
+        if new_base is not None:
+            self.base_params = new_base
+        self.adapters[adapter_name] = adapter
+        self.peft_config[adapter_name] = config
+        self._plans[adapter_name] = plan
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Makes ``adapter_name`` the active (and trainable) adapter."""
+        if not isinstance(adapter_name, str):
+            raise TypeError("`set_adapter` takes one adapter name (a string).")
+        if adapter_name not in self.adapters:
+            raise ValueError(f"Adapter {adapter_name} not found; adapters: {sorted(self.adapters)}.")
+        self._active = [adapter_name]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.adapters:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        del self.adapters[adapter_name], self.peft_config[adapter_name], self._plans[adapter_name]
+        if adapter_name in self._active:
+            remaining = [a for a in self._active if a != adapter_name] or sorted(self.adapters)[:1]
+            if remaining:
+                warnings.warn(
+                    f"Adapter {adapter_name} was active; active adapter is now {remaining}.", stacklevel=2
+                )
+            self._active = remaining
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block, calls run the base model alone (not read by already-jitted functions)."""
+        previous, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    # ------------------------------------------------------------------ trainable split
+
+    def _is_trainable_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self._active[:1] and not self.peft_config[adapter_name].inference_mode
+
+    def trainable_mask(self, params: Mapping[str, Any] | None = None) -> PyTree:
+        """A boolean tree shaped like ``params``: ``True`` on the active adapter's leaves.
+
+        Use it with ``optax.masked`` or ``optax.multi_transform``.
+        """
+        params = self.params if params is None else params
+
+        def constant(tree: PyTree, value: bool) -> PyTree:
+            return jax.tree.map(lambda _: value, tree)
+
+        return {
+            "base": constant(params["base"], False),
+            "adapters": {
+                name: constant(tree, self._is_trainable_adapter(name))
+                for name, tree in params["adapters"].items()
+            },
+        }
+
+    def split_params(self, params: Mapping[str, Any] | None = None) -> tuple[PyTree, PyTree]:
+        """``(trainable, frozen)`` trees with ``None`` holes; ``jpeft.combine`` joins them."""
+        params = self.params if params is None else params
+        return split(params, self.trainable_mask(params))
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` counted as PEFT counts them."""
+        total = count_params(self.base_params)
+        trainable = 0
+        for name, adapter in self.adapters.items():
+            method = self._method(name)
+            total += method.counted_in_total(self._plans[name], adapter)
+            if self._is_trainable_adapter(name):
+                trainable += count_params(adapter)
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def apply(
+        self,
+        params: Mapping[str, Any],
+        *args: Any,
+        frozen: Mapping[str, Any] | None = None,
+        train: bool = False,
+        dropout_rng: jax.Array | None = None,
+        active_adapters: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Runs the model with adapters: a pure function of its arguments.
+
+        Args:
+          params: ``peft_model.params``, or the trainable part of a split when
+            ``frozen`` holds the rest.
+          *args, **kwargs: the base model's inputs (e.g. ``input_ids``,
+            ``attention_mask``), passed through unchanged.
+          frozen: the frozen part from ``split_params`` (``None`` holes elsewhere).
+          train: training mode (dropout on); static under ``jit``.
+          dropout_rng: key for the model's and the adapters' dropout.
+          active_adapters: adapters to use (default: the active ones; ``[]``: base model).
+
+        Returns:
+          The base model's output (e.g. ``FlaxCausalLMOutput``).
+
+        Example:
+          >>> step = jax.jit(functools.partial(peft_model.apply, train=False))
+          >>> logits = step(peft_model.params, input_ids).logits
+        """
+        if frozen is not None:
+            params = combine(params, frozen)
+        if active_adapters is None:
+            active_adapters = [] if self._disabled else self._active
+        for name in active_adapters:
+            if name not in self._plans:
+                raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(self._plans)}.")
+        base_rng = lora_rng = None
+        if dropout_rng is not None:
+            base_rng, lora_rng = jax.random.split(dropout_rng)
+        effective = params["base"]
+        for name in active_adapters:
+            effective = self._method(name).apply_overrides(
+                effective, params["adapters"][name], self._plans[name]
+            )
+        hook_names: frozenset[str] = frozenset().union(*(self._plans[n].hooked for n in active_adapters))
+        adapters = params["adapters"]
+        plans = self._plans
+        configs = {n: plans[n].config for n in active_adapters}
+
+        def hook(module: str, x: jax.Array, out: jax.Array) -> jax.Array:
+            for name in active_adapters:
+                plan = plans[name]
+                layer = plan.layers.get(module)
+                if layer is None:
+                    continue
+                key = None
+                if lora_rng is not None:
+                    key = jax.random.fold_in(
+                        jax.random.fold_in(lora_rng, zlib.crc32(name.encode())), layer.index
+                    )
+                out = self._method(name).layer_forward(
+                    layer,
+                    configs[name],
+                    adapters[name]["lora"][module],
+                    get_path(effective, layer.info.path),
+                    x,
+                    out,
+                    train=train,
+                    key=key,
+                )
+            return out
+
+        return self._binding.run(effective, hook, hook_names, args, kwargs, train=train, dropout_rng=base_rng)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.apply(self.params, *args, **kwargs)
+
+    # ------------------------------------------------------------------ merge
+
+    def get_merged_params(
+        self, params: Mapping[str, Any] | None = None, adapter_names: Sequence[str] | None = None
+    ) -> PyTree:
+        """Base params with the (active) adapters folded in: a pure function of ``params``."""
+        params = self.params if params is None else params
+        merged = params["base"]
+        for name in adapter_names if adapter_names is not None else self._active:
+            merged = self._method(name).merge(merged, params["adapters"][name], self._plans[name])
+        return merged
+
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> Any:
+        """The base model with the adapters merged into its weights (a plain Flax model)."""
+        return self._binding.with_params(self.get_merged_params(adapter_names=adapter_names))
+
+    def unload(self) -> Any:
+        """The base model without adapters (PiSSA/OLoRA bases keep their residual weights, as in PEFT)."""
+        return self._binding.with_params(self.base_params)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _entries(self, adapter_name: str, save_embedding_layers: bool | str = "auto") -> list[KeyEntry]:
+        method = self._method(adapter_name)
+        return method.key_entries(
+            self._plans[adapter_name], self.adapters[adapter_name], save_embedding_layers
+        )
+
+    def get_peft_state_dict(
+        self, adapter_name: str = "default", save_embedding_layers: bool | str = "auto"
+    ) -> dict[str, np.ndarray]:
+        """PEFT's ``get_peft_model_state_dict``: torch-layout arrays under PEFT's keys."""
+        trees = {"adapter": self.adapters[adapter_name], "base": self.base_params}
+        entries = self._entries(adapter_name, save_embedding_layers)
+        if save_embedding_layers == "auto" and any(e.tree == "base" for e in entries):
+            warnings.warn(
+                "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+                stacklevel=3,
+            )
+        out: dict[str, np.ndarray] = {}
+        for entry in entries:
+            value = np.asarray(jax.device_get(get_path(trees[entry.tree], entry.path)))
+            if (
+                entry.tree == "adapter"
+                and value.dtype != np.float32
+                and np.issubdtype(value.dtype, np.floating)
+            ):
+                value = value.astype(np.float32)  # PEFT stores adapter weights in fp32 by default
+            out[PEFT_PREFIX + entry.key] = entry.to_torch(value)
+        return out
+
+    def _config_for_save(self, adapter_name: str) -> PeftConfig:
+        config = self.peft_config[adapter_name]
+        changes: dict[str, Any] = {"inference_mode": True}
+        if config.task_type is None and getattr(self._binding, "torch_class_name", None):
+            changes["auto_mapping"] = {
+                "base_model_class": self._binding.torch_class_name,
+                "parent_library": self._binding.torch_module_path,
+            }
+        return dataclasses.replace(config, **changes)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: Sequence[str] | None = None,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
+        save_embedding_layers: bool | str = "auto",
+    ) -> None:
+        """Saves adapters in PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+        The ``default`` adapter goes to ``save_directory``, others to subfolders named
+        after them. All files of one call are written atomically.
+        """
+        if not safe_serialization:
+            raise ValueError(
+                "jpeft writes only safetensors (`safe_serialization=True`); PEFT's pickle format "
+                "(adapter_model.bin) is unsafe to load and is not written."
+            )
+        names = list(self.adapters) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown:
+            raise ValueError(
+                f"You passed an invalid `selected_adapters` arguments, current supported adapter names are "
+                f"{list(self.adapters)} - got {unknown}."
+            )
+        if not is_main_process:
+            return
+        files: dict[str, bytes] = {}
+        for name in names:
+            config = self._config_for_save(name)
+            tensors = self.get_peft_state_dict(name, save_embedding_layers)
+            files.update(checkpoint.adapter_files(name, config.to_json_string(), tensors))
+        first = self.peft_config[names[0]] if names else None
+        base_name = first.base_model_name_or_path if first else None
+        tags = [first.peft_type.value.lower()] if first else []
+        tags += ["transformers", "jpeft"] + ([f"base_model:adapter:{base_name}"] if base_name else [])
+        files[checkpoint.MODEL_CARD_NAME] = checkpoint.model_card(
+            base_model=base_name,
+            tags=tags,
+            pipeline_tag=_PIPELINE_TAGS.get(first.task_type) if first else None,
+            peft_version=PEFT_FORMAT_VERSION,
+        )
+        checkpoint.write_files(save_directory, files)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: Any,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        *,
+        subfolder: str | None = None,
+        key: jax.Array | None = None,
+        ignore_mismatched_sizes: bool = False,
+    ) -> PeftModel:
+        """Loads an adapter folder written by jpeft or by torch PEFT onto ``model``.
+
+        Args:
+          model: the base model (transformers Flax model or ``(module, params)``).
+          model_id: the adapter folder.
+          adapter_name: the name to give it.
+          is_trainable: ``False`` (default) loads it frozen, as PEFT does.
+          config: use this config instead of the folder's ``adapter_config.json``.
+          subfolder: the adapter's subfolder, for non-default adapters.
+          key: PRNG key for inits that run before the weights are copied in.
+          ignore_mismatched_sizes: skip (with a warning) tensors whose shape differs.
+        """
+        folder = checkpoint.resolve_folder(model_id, subfolder)
+        config = config if config is not None else registry.config_from_dict(checkpoint.read_config(folder))
+        tensors = checkpoint.read_tensors(folder)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        peft_model = cls(model, config, adapter_name, key=key)
+        peft_model._load_weights(adapter_name, tensors, str(folder), ignore_mismatched_sizes)
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        *,
+        subfolder: str | None = None,
+        key: jax.Array | None = None,
+        ignore_mismatched_sizes: bool = False,
+    ) -> None:
+        """Loads another adapter folder under ``adapter_name`` (not made active)."""
+        folder = checkpoint.resolve_folder(model_id, subfolder)
+        config = registry.config_from_dict(checkpoint.read_config(folder))
+        tensors = checkpoint.read_tensors(folder)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        self.add_adapter(adapter_name, config, key=key)
+        try:
+            self._load_weights(adapter_name, tensors, str(folder), ignore_mismatched_sizes)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _load_weights(
+        self, adapter_name: str, tensors: Mapping[str, np.ndarray], source: str, ignore_mismatched_sizes: bool
+    ) -> None:
+        entries = self._entries(adapter_name, save_embedding_layers=True)
+        trees = {"adapter": self.adapters[adapter_name], "base": self.base_params}
+        required = {e.key for e in entries if e.tree == "adapter"}
+        expected = {PEFT_PREFIX + e.key for e in entries}
+        missing, mismatched, skipped = [], [], []
+        for entry in entries:
+            file_key = PEFT_PREFIX + entry.key
+            if file_key not in tensors:
+                if entry.key in required:
+                    missing.append(file_key)
+                continue
+            current = get_path(trees[entry.tree], entry.path)
+            want = entry.torch_shape(current.shape)
+            got = tuple(tensors[file_key].shape)
+            if got != want:
+                if ignore_mismatched_sizes:
+                    skipped.append(f"{file_key}: found shape {got} in the checkpoint and {want} in the model")
+                    continue
+                mismatched.append(f"{file_key}: checkpoint {got} vs model {want}")
+                continue
+            value = jnp.asarray(entry.from_torch(tensors[file_key]), dtype=current.dtype)
+            trees[entry.tree] = set_path(trees[entry.tree], entry.path, value)
+        if mismatched:
+            raise CheckpointError(
+                f"size mismatch loading {source!r} into adapter {adapter_name!r} (torch layout, (out, in)):\n  "
+                + "\n  ".join(mismatched)
+                + "\nThe adapter was trained with another rank or on another model; load it onto the base model "
+                "it was trained for, or pass `ignore_mismatched_sizes=True` to skip these tensors."
+            )
+        if missing:
+            unprefixed = [k for k in tensors if not k.startswith(PEFT_PREFIX)]
+            hint = (
+                f" The file's keys lack the {PEFT_PREFIX!r} prefix PEFT requires (e.g. {unprefixed[0]!r})."
+                if unprefixed
+                else ""
+            )
+            raise CheckpointError(
+                f"Found missing adapter keys while loading the checkpoint {source!r}: {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''}.{hint} The folder does not hold this adapter's weights "
+                "(wrong base model, or a different adapter_config.json)."
+            )
+        if skipped:
+            warnings.warn(
+                "Some weights were not loaded (ignore_mismatched_sizes=True):\n" + "\n".join(skipped),
+                stacklevel=3,
+            )
+        unexpected = sorted(set(tensors) - expected)
+        if unexpected:
+            warnings.warn(
+                f"Unexpected keys in {source!r} were ignored: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}",
+                stacklevel=3,
+            )
+        self.adapters[adapter_name] = trees["adapter"]
+        self.base_params = trees["base"]

@@ -1,0 +1,138 @@
+"""What every weight-based method shares: the checkpoint key table and base overrides.
+
+*Overrides* are trainable copies of base leaves that an adapter carries and that are
+substituted into the base tree at call time: ``modules_to_save`` copies and trainable
+biases. The base tree itself is never changed, so turning an adapter off is exact.
+
+A method describes its checkpoint as a list of :class:`KeyEntry`: PEFT key (without
+``base_model.model.``), where the value lives, and how torch's layout maps to Flax's.
+Save and load both read that one list, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from jpeft.core.modules import ModuleInfo
+from jpeft.core.targets import modules_to_save_names
+from jpeft.core.tree import Path, PyTree, get_path, iter_leaves, set_path
+from jpeft.interop.torch_names import torch_leaf
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyEntry:
+    """One tensor of a PEFT checkpoint.
+
+    Attributes:
+      key: the PEFT key without the ``base_model.model.`` prefix.
+      tree: ``"adapter"`` for the adapter's own tree, ``"base"`` for the base params
+        (PEFT's ``save_embedding_layers``).
+      path: where the value lives in that tree.
+      perm: axis permutation taking the Flax array to torch's layout (``None``: same).
+    """
+
+    key: str
+    tree: Literal["adapter", "base"]
+    path: Path
+    perm: tuple[int, ...] | None = None
+
+    def to_torch(self, value: Any) -> np.ndarray:
+        array = np.asarray(value)
+        return np.ascontiguousarray(array.transpose(self.perm) if self.perm else array)
+
+    def from_torch(self, array: np.ndarray) -> np.ndarray:
+        if not self.perm:
+            return array
+        return array.transpose(np.argsort(self.perm))
+
+    def torch_shape(self, flax_shape: Sequence[int]) -> tuple[int, ...]:
+        shape = tuple(flax_shape)
+        return tuple(shape[i] for i in self.perm) if self.perm else shape
+
+
+def leaf_key(path: Path) -> str:
+    """Dotted form of a leaf path: the key an override is stored under."""
+    return ".".join(path)
+
+
+def resolve_modules_to_save(
+    modules_to_save: Sequence[str] | None, modules: Mapping[str, ModuleInfo]
+) -> list[str]:
+    return modules_to_save_names(modules_to_save, modules)
+
+
+def init_overrides(
+    base_params: PyTree,
+    modules_to_save: Sequence[str],
+    modules: Mapping[str, ModuleInfo],
+    bias_leaves: Sequence[Path],
+) -> dict[str, Any]:
+    """Trainable copies of the ``modules_to_save`` subtrees and of trainable bias leaves."""
+    saved = {name: get_path(base_params, modules[name].path) for name in modules_to_save}
+    biases = {leaf_key(path): get_path(base_params, path) for path in bias_leaves}
+    return {"modules_to_save": saved, "bias": biases}
+
+
+def apply_overrides(
+    base_params: PyTree,
+    adapter: Mapping[str, Any],
+    modules: Mapping[str, ModuleInfo],
+    bias_leaves: Sequence[Path],
+) -> PyTree:
+    """The base tree with this adapter's module copies and biases substituted in."""
+    params = base_params
+    for name, subtree in adapter.get("modules_to_save", {}).items():
+        params = set_path(params, modules[name].path, subtree)
+    biases = adapter.get("bias", {})
+    for path in bias_leaves:
+        params = set_path(params, path, biases[leaf_key(path)])
+    return params
+
+
+def override_entries(
+    adapter: Mapping[str, Any],
+    modules: Mapping[str, ModuleInfo],
+    bias_leaves: Sequence[Path],
+    targeted: set[str],
+) -> list[KeyEntry]:
+    """Checkpoint entries for module copies (full torch state) and trainable biases."""
+    entries: list[KeyEntry] = []
+    for name, subtree in adapter.get("modules_to_save", {}).items():
+        for sub_path, leaf in iter_leaves(subtree):
+            owner_path = (*modules[name].path, *sub_path[:-1])
+            owner = modules.get(".".join(owner_path))
+            torch_name, perm = torch_leaf(owner, sub_path[-1], np.ndim(leaf))
+            prefix = ".".join((name, *sub_path[:-1]))
+            entries.append(
+                KeyEntry(f"{prefix}.{torch_name}", "adapter", ("modules_to_save", name, *sub_path), perm)
+            )
+    for path in bias_leaves:
+        module = ".".join(path[:-1])
+        owner = modules.get(module)
+        torch_name, perm = torch_leaf(owner, path[-1], 1)
+        if module in targeted and path[-1] == "bias":
+            key = f"{module}.base_layer.bias"
+        else:
+            key = f"{module}.{torch_name}" if module else torch_name
+        entries.append(KeyEntry(key, "adapter", ("bias", leaf_key(path)), perm))
+    return entries
+
+
+def bias_leaves_for(
+    bias: str, params: PyTree, targeted: Sequence[str], modules: Mapping[str, ModuleInfo]
+) -> list[Path]:
+    """The base leaves PEFT makes trainable for ``bias`` (``"none"``, ``"lora_only"``, ``"all"``).
+
+    ``"all"`` follows PEFT literally: every parameter whose name contains ``bias``.
+    """
+    if bias == "none":
+        return []
+    if bias == "lora_only":
+        return [modules[name].bias_path for name in targeted if modules[name].has_bias]
+    return [path for path, _ in iter_leaves(params) if "bias" in ".".join(path)]
