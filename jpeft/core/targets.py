@@ -31,15 +31,18 @@ class _Excluded:
 EXCLUDED = _Excluded()
 
 
+def _excluded_by(exclude: str | Sequence[str] | None, key: str) -> bool:
+    if not exclude:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, key) is not None
+    return key in exclude or any(key.endswith(f".{item}") for item in exclude)
+
+
 def match_module(config: Any, key: str) -> bool | _Excluded:
     """PEFT's ``check_target_module_exists`` for one module name."""
-    exclude = getattr(config, "exclude_modules", None)
-    if exclude:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, key):
-                return EXCLUDED
-        elif key in exclude or any(key.endswith(f".{item}") for item in exclude):
-            return EXCLUDED
+    if _excluded_by(getattr(config, "exclude_modules", None), key):
+        return EXCLUDED
 
     modules_to_save = getattr(config, "modules_to_save", None)
     if modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save):
@@ -106,7 +109,7 @@ def select_targets(
             targeted.append(name)
 
     exclude = getattr(config, "exclude_modules", None)
-    if exclude and not any(match_module(_only_exclude(config), n) is EXCLUDED for n in modules):
+    if exclude and not any(_excluded_by(exclude, name) for name in modules):
         warnings.warn(
             f"You have passed exclude_modules={exclude} but no modules were excluded.", stacklevel=3
         )
@@ -137,17 +140,6 @@ def select_targets(
             f"configuration. Modules of this model include:\n{listing}"
         )
     return targeted
-
-
-class _OnlyExclude:
-    def __init__(self, config: Any):
-        self.exclude_modules = config.exclude_modules
-        self.modules_to_save = None
-        self.target_modules = None
-
-
-def _only_exclude(config: Any) -> _OnlyExclude:
-    return _OnlyExclude(config)
 
 
 def get_pattern_key(pattern_keys: Sequence[str], name: str) -> str | None:

@@ -1,0 +1,80 @@
+"""Helpers for running torch PEFT beside jpeft on the same tiny model."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import jpeft
+
+# fp32 on both sides; different summation orders give ~1e-7, the bar is 1e-5.
+ATOL = 1e-5
+
+
+def torch_inputs(inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    import torch
+
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in inputs.items()}
+
+
+def torch_logits(model: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(**torch_inputs(inputs)).logits.float().numpy()
+
+
+def jax_logits(model: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    return np.asarray(model(**inputs).logits)
+
+
+def perturb_torch_trainable(model: Any, seed: int = 1, scale: float = 0.1) -> None:
+    """Adds noise to every trainable tensor, so B != 0 and every option shows in the output."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=gen))
+
+
+def perturb_jpeft_adapter(
+    peft_model: jpeft.PeftModel, adapter: str = "default", seed: int = 1, scale: float = 0.1
+):
+    import jax
+
+    params = peft_model.params
+    leaves, treedef = jax.tree.flatten(params["adapters"][adapter])
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+    params["adapters"][adapter] = jax.tree.unflatten(treedef, leaves)
+    peft_model.params = params
+
+
+def torch_peft_save(pair, lora_kwargs: dict, folder: Path, seed: int = 1) -> np.ndarray:
+    """Builds a torch PEFT LoRA adapter with non-trivial weights, saves it, returns its logits."""
+    import peft
+    import torch
+
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(pair.torch_model(), peft.LoraConfig(**lora_kwargs))
+    perturb_torch_trainable(model, seed)
+    model.eval()
+    model.save_pretrained(folder)
+    return torch_logits(model, pair.inputs())
+
+
+def torch_peft_load(pair, folder: Path, **kwargs) -> Any:
+    """Loads ``folder`` with ``peft.PeftModel.from_pretrained``; fails on PEFT's missing-keys warning."""
+    import peft
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(pair.torch_model(), folder, **kwargs)
+    problems = [str(w.message) for w in caught if "missing adapter keys" in str(w.message).lower()]
+    assert not problems, problems
+    return model.eval()
