@@ -342,6 +342,16 @@ class PeftModel:
 
         return self._binding.run(effective, hook, hook_names, args, kwargs, train=train, dropout_rng=base_rng)
 
+    def __repr__(self) -> str:
+        lines = [f"PeftModel({self._binding.class_name}, active={self._active})"]
+        for name, config in self.peft_config.items():
+            layers = self._plans[name].layers
+            lines.append(
+                f"  {name}: {config.peft_type.value}, {len(layers)} modules ({', '.join(list(layers)[:3])}"
+                f"{', ...' if len(layers) > 3 else ''})"
+            )
+        return "\n".join(lines)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.apply(self.params, *args, **kwargs)
 
@@ -353,7 +363,17 @@ class PeftModel:
         """Base params with the (active) adapters folded in: a pure function of ``params``."""
         params = self.params if params is None else params
         merged = params["base"]
-        for name in adapter_names if adapter_names is not None else self._active:
+        names = list(adapter_names) if adapter_names is not None else self._active
+        tied = getattr(self._binding.config, "tie_word_embeddings", False)
+        if tied and any(
+            layer.info.kind == "embedding" for n in names for layer in self._plans[n].layers.values()
+        ):
+            warnings.warn(
+                "Merging an adapted input embedding of a model with tied word embeddings also changes its output "
+                "head (they share one weight), as in PEFT; the merged model's logits differ from the unmerged ones.",
+                stacklevel=2,
+            )
+        for name in names:
             merged = self._method(name).merge(merged, params["adapters"][name], self._plans[name])
         return merged
 

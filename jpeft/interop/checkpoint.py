@@ -182,9 +182,52 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
+    data = path.read_bytes()
     try:
-        return load(path.read_bytes())
+        return load(data)
+    except KeyError:  # a dtype numpy lacks (bf16, fp8): read it with ml_dtypes
+        try:
+            return _load_with_ml_dtypes(data)
+        except (ValueError, KeyError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({err}).") from None
     except (SafetensorError, ValueError, OSError) as err:
         raise CheckpointError(
             f"{str(path)!r} is not a readable safetensors file ({err}); it is corrupt or truncated. Re-save it."
         ) from None
+
+
+def _load_with_ml_dtypes(data: bytes) -> dict[str, np.ndarray]:
+    """safetensors' layout (u64 header size, JSON header, raw little-endian data) for extra dtypes."""
+    import ml_dtypes
+
+    dtypes = {
+        "BF16": ml_dtypes.bfloat16,
+        "F8_E4M3": ml_dtypes.float8_e4m3fn,
+        "F8_E5M2": ml_dtypes.float8_e5m2,
+        "F64": np.float64,
+        "F32": np.float32,
+        "F16": np.float16,
+        "I64": np.int64,
+        "I32": np.int32,
+        "I16": np.int16,
+        "I8": np.int8,
+        "U8": np.uint8,
+        "BOOL": np.bool_,
+    }
+    size = int.from_bytes(data[:8], "little")
+    if len(data) < 8 + size:
+        raise ValueError("header runs past the end of the file")
+    header = json.loads(data[8 : 8 + size])
+    body = memoryview(data)[8 + size :]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = np.dtype(dtypes[info["dtype"]])
+        if not 0 <= start <= end <= len(body) or (end - start) != dtype.itemsize * int(
+            np.prod(info["shape"])
+        ):
+            raise ValueError(f"tensor {name!r} has offsets outside the file or of the wrong size")
+        out[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(info["shape"]).copy()
+    return out
