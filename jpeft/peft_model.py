@@ -100,6 +100,7 @@ class PeftModel:
         self._plans: dict[str, Any] = {}
         self._active: list[str] = []
         self._disabled = False
+        self._merged: dict[str, Any] = {}  # adapter name -> what unmerging it needs
         self.add_adapter(adapter_name, peft_config, key=key)
         self._active = [adapter_name]
 
@@ -299,28 +300,37 @@ class PeftModel:
         """
         if frozen is not None:
             params = combine(params, frozen)
+        effective, hook, names, base_rng = self._prepare(params, active_adapters, train, dropout_rng)
+        return self._binding.run(effective, hook, names, args, kwargs, train=train, dropout_rng=base_rng)
+
+    def _prepare(
+        self,
+        params: Mapping[str, Any],
+        active_adapters: Sequence[str] | None,
+        train: bool,
+        dropout_rng: jax.Array | None,
+    ) -> tuple[PyTree, Any, frozenset[str], jax.Array | None]:
+        """Effective base params, the layer hook and the hooked module names for one call."""
         if active_adapters is None:
             active_adapters = [] if self._disabled else self._active
         for name in active_adapters:
             if name not in self._plans:
                 raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(self._plans)}.")
+        # merged adapters are already in the base weights
+        active_adapters = [name for name in active_adapters if name not in self._merged]
         base_rng = lora_rng = None
         if dropout_rng is not None:
             base_rng, lora_rng = jax.random.split(dropout_rng)
+        adapters = params["adapters"]
         effective = params["base"]
         for name in active_adapters:
-            effective = self._method(name).apply_overrides(
-                effective, params["adapters"][name], self._plans[name]
-            )
-        hook_names: frozenset[str] = frozenset().union(*(self._plans[n].hooked for n in active_adapters))
-        adapters = params["adapters"]
+            effective = self._method(name).apply_overrides(effective, adapters[name], self._plans[name])
+        names: frozenset[str] = frozenset().union(*(self._plans[n].hooked for n in active_adapters))
         plans = self._plans
-        configs = {n: plans[n].config for n in active_adapters}
 
         def hook(module: str, x: jax.Array, out: jax.Array) -> jax.Array:
             for name in active_adapters:
-                plan = plans[name]
-                layer = plan.layers.get(module)
+                layer = plans[name].layers.get(module)
                 if layer is None:
                     continue
                 key = None
@@ -330,8 +340,8 @@ class PeftModel:
                     )
                 out = self._method(name).layer_forward(
                     layer,
-                    configs[name],
-                    adapters[name]["lora"][module],
+                    plans[name].config,
+                    adapters[name],
                     get_path(effective, layer.info.path),
                     x,
                     out,
@@ -340,7 +350,34 @@ class PeftModel:
                 )
             return out
 
-        return self._binding.run(effective, hook, hook_names, args, kwargs, train=train, dropout_rng=base_rng)
+        return effective, hook, names, base_rng
+
+    def generate(self, *args: Any, params: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate`` with the active adapters in place (unmerged).
+
+        Takes the arguments of transformers' Flax ``generate`` (``max_length``,
+        ``do_sample``, ``prng_key``, ``num_beams``, ...). ``params`` defaults to
+        ``self.params``.
+        """
+        params = self.params if params is None else params
+        effective, hook, names, _ = self._prepare(params, None, False, None)
+        generate = getattr(self._binding, "generate", None)
+        if generate is None:
+            raise TypeError(
+                f"{self._binding.class_name} has no `generate`: generation needs a transformers Flax model with a "
+                "language-modelling head."
+            )
+        return generate(effective, hook, names, args, kwargs)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Rematerialise each transformer block in the backward pass (transformers' Flax models)."""
+        enable = getattr(self._binding, "enable_gradient_checkpointing", None)
+        if enable is None:
+            raise TypeError(
+                f"{self._binding.class_name} does not support gradient checkpointing through jpeft; wrap its "
+                "blocks in `flax.linen.remat` when building the module."
+            )
+        enable()
 
     def __repr__(self) -> str:
         lines = [f"PeftModel({self._binding.class_name}, active={self._active})"]
@@ -364,6 +401,10 @@ class PeftModel:
         params = self.params if params is None else params
         merged = params["base"]
         names = list(adapter_names) if adapter_names is not None else self._active
+        if self._merged:
+            raise ValueError(
+                f"adapters {list(self._merged)} are merged into the base already; call `unmerge_adapter()` first."
+            )
         tied = getattr(self._binding.config, "tie_word_embeddings", False)
         if tied and any(
             layer.info.kind == "embedding" for n in names for layer in self._plans[n].layers.values()
@@ -376,6 +417,32 @@ class PeftModel:
         for name in names:
             merged = self._method(name).merge(merged, params["adapters"][name], self._plans[name])
         return merged
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Folds the (active) adapters into the base weights in place; calls then skip their layers.
+
+        Faster inference with the adapter still attached; :meth:`unmerge_adapter` undoes it.
+        """
+        names = [
+            n for n in (adapter_names if adapter_names is not None else self._active) if n not in self._merged
+        ]
+        for name in names:
+            method, adapter, plan = self._method(name), self.adapters[name], self._plans[name]
+            record = method.merge_record(self.base_params, adapter, plan)
+            self.base_params = method.merge(self.base_params, adapter, plan)
+            self._merged[name] = record
+
+    def unmerge_adapter(self) -> None:
+        """Takes every merged adapter back out of the base weights (in reverse merge order)."""
+        for name in reversed(list(self._merged)):
+            record = self._merged.pop(name)
+            self.base_params = self._method(name).unmerge(
+                self.base_params, self.adapters[name], self._plans[name], record
+            )
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return list(self._merged)
 
     def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> Any:
         """The base model with the adapters merged into its weights (a plain Flax model)."""

@@ -90,6 +90,30 @@ class HFFlaxBinding:
         with hooked(hook, names):
             return self.model(*args, params=params, dropout_rng=dropout_rng, train=train, **kwargs)
 
+    def generate(
+        self,
+        params: PyTree,
+        hook: Hook | None,
+        names: frozenset[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if not hasattr(self.model, "generate") or not self.model.can_generate():
+            raise TypeError(f"{self.class_name} cannot generate (it has no language-modelling head).")
+        with hooked(hook, names):
+            return self.model.generate(*args, params=params, **kwargs)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Swaps in transformers' remat version of the module (the user's model object is not changed)."""
+        model = copy.copy(self.model)
+        try:
+            model.enable_gradient_checkpointing()
+        except NotImplementedError:
+            raise TypeError(
+                f"{self.class_name} has no gradient checkpointing in transformers' Flax code."
+            ) from None
+        self.model = model
+
     def with_params(self, params: PyTree) -> Any:
         """A shallow copy of the HF model holding ``params`` (the original is left as it was)."""
         new = copy.copy(self.model)

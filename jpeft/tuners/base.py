@@ -95,6 +95,23 @@ def apply_overrides(
     return params
 
 
+def overridden_originals(
+    base_params: PyTree,
+    modules_to_save: Sequence[str],
+    modules: Mapping[str, ModuleInfo],
+    bias_leaves: Sequence[Path],
+) -> dict[Path, Any]:
+    """The base subtrees/leaves that ``apply_overrides`` replaces, to restore them after an unmerge."""
+    paths = [modules[name].path for name in modules_to_save] + list(bias_leaves)
+    return {path: get_path(base_params, path) for path in paths}
+
+
+def restore(params: PyTree, originals: Mapping[Path, Any]) -> PyTree:
+    for path, value in originals.items():
+        params = set_path(params, path, value)
+    return params
+
+
 def override_entries(
     adapter: Mapping[str, Any],
     modules: Mapping[str, ModuleInfo],

@@ -471,7 +471,7 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 def layer_forward(
     layer: LayerPlan,
     config: LoraConfig,
-    params: Mapping[str, jax.Array],
+    adapter: Mapping[str, Any],
     module_params: Mapping[str, jax.Array],
     x: jax.Array,
     out: jax.Array,
@@ -481,6 +481,7 @@ def layer_forward(
 ) -> jax.Array:
     """The layer's output with this adapter's contribution added (PEFT's forward)."""
     info = layer.info
+    params = adapter["lora"][info.name]
     lora_a, lora_b = params["lora_A"], params["lora_B"]
     s = layer.scaling
     if info.kind == "embedding":
@@ -522,6 +523,25 @@ def delta_weight(layer: LayerPlan, params: Mapping[str, jax.Array]) -> jax.Array
     return delta.T if layer.info.kernel_transposed else delta
 
 
+def _dora_factor(layer: LayerPlan, weight: jax.Array, lp: Mapping[str, jax.Array]) -> jax.Array:
+    """``m / ||W + s A B||`` broadcast against the Flax weight's layout."""
+    norm = _dora_weight_norm(_weight_io(weight, layer.info), lp["lora_A"], lp["lora_B"], layer.scaling)
+    factor = lp["lora_magnitude_vector"] / norm
+    return factor[:, None] if layer.info.kernel_transposed else factor[None, :]
+
+
+def merge_record(base_params: PyTree, adapter: Mapping[str, Any], plan: LoraPlan) -> dict[str, Any]:
+    """What :func:`unmerge` needs, taken before :func:`merge`: replaced base leaves and DoRA factors."""
+    factors = {}
+    if plan.config.use_dora:
+        for name, layer in plan.layers.items():
+            factors[name] = _dora_factor(
+                layer, get_path(base_params, layer.info.weight_path), adapter["lora"][name]
+            )
+    originals = base.overridden_originals(base_params, plan.modules_to_save, plan.modules, plan.bias_leaves)
+    return {"originals": originals, "dora_factors": factors}
+
+
 def merge(base_params: PyTree, adapter: Mapping[str, Any], plan: LoraPlan) -> PyTree:
     """The base tree with this adapter folded into the weights (and overrides applied)."""
     params = apply_overrides(base_params, adapter, plan)
@@ -530,10 +550,7 @@ def merge(base_params: PyTree, adapter: Mapping[str, Any], plan: LoraPlan) -> Py
         weight = get_path(params, info.weight_path)
         merged = weight.astype(jnp.float32) + delta_weight(layer, lp)
         if plan.config.use_dora:
-            weight_io = _weight_io(weight, info)
-            norm = _dora_weight_norm(weight_io, lp["lora_A"], lp["lora_B"], layer.scaling)
-            factor = lp["lora_magnitude_vector"] / norm
-            merged = merged * (factor[:, None] if info.kernel_transposed else factor[None, :])
+            merged = merged * _dora_factor(layer, weight, lp)
         params = set_path(params, info.weight_path, merged.astype(weight.dtype))
         if "lora_B_bias" in lp:
             if not info.has_bias:
@@ -545,6 +562,24 @@ def merge(base_params: PyTree, adapter: Mapping[str, Any], plan: LoraPlan) -> Py
                 params, info.bias_path, (bias + layer.scaling * lp["lora_B_bias"]).astype(bias.dtype)
             )
     return params
+
+
+def unmerge(params: PyTree, adapter: Mapping[str, Any], plan: LoraPlan, record: Mapping[str, Any]) -> PyTree:
+    """Inverse of :func:`merge` (exact up to float rounding), given :func:`merge_record`'s output."""
+    for name, layer in plan.layers.items():
+        info, lp = layer.info, adapter["lora"][name]
+        weight = get_path(params, info.weight_path)
+        restored = weight.astype(jnp.float32)
+        if plan.config.use_dora:
+            restored = restored / record["dora_factors"][name]
+        restored = restored - delta_weight(layer, lp)
+        params = set_path(params, info.weight_path, restored.astype(weight.dtype))
+        if "lora_B_bias" in lp:
+            bias = get_path(params, info.bias_path)
+            params = set_path(
+                params, info.bias_path, (bias - layer.scaling * lp["lora_B_bias"]).astype(bias.dtype)
+            )
+    return base.restore(params, record["originals"])
 
 
 # --------------------------------------------------------------------------- checkpoint

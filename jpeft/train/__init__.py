@@ -1,0 +1,28 @@
+"""Training helpers on optax: losses, a jitted train step, mixed precision."""
+
+from jpeft.train.losses import (
+    IGNORE_INDEX,
+    causal_lm_loss,
+    classification_loss,
+    mean_loss,
+    seq2seq_lm_loss,
+    shift_tokens_right,
+)
+from jpeft.train.precision import LossScale, Policy
+from jpeft.train.step import Trainer, TrainState, loss_for_task, make_train_step, masked_optimizer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LossScale",
+    "Policy",
+    "TrainState",
+    "Trainer",
+    "causal_lm_loss",
+    "classification_loss",
+    "loss_for_task",
+    "make_train_step",
+    "masked_optimizer",
+    "mean_loss",
+    "seq2seq_lm_loss",
+    "shift_tokens_right",
+]

@@ -1,0 +1,204 @@
+"""A jitted training step over the trainable tree only.
+
+The frozen tree is an argument of the step and is never differentiated; gradients,
+optimizer state and updates exist for the adapter leaves alone::
+
+    trainer = jpeft.train.make_train_step(peft_model, optax.adamw(1e-3))
+    state = trainer.init(jax.random.key(0))
+    frozen = trainer.frozen()
+    for batch in batches:
+        state, metrics = trainer.step(state, frozen, batch)
+    peft_model.params = trainer.params(state)
+
+``batch`` is a dict of arrays: the model's inputs (``input_ids``, ``attention_mask``,
+...) plus optional ``labels``. With ``grad_accum_steps=k`` the batch's leading axis is
+split into ``k`` micro-batches whose gradients are summed in a ``lax.scan`` and
+weighted by the tokens (or examples) they count: the result equals one step on the
+whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jpeft.config import TaskType
+from jpeft.core.tree import combine
+from jpeft.train import losses
+from jpeft.train.precision import LossScale, Policy, all_finite
+
+PyTree = Any
+LossFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, jax.Array]]
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes: a pytree, so it checkpoints and shards as one."""
+
+    step: jax.Array
+    trainable: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+    loss_scale: LossScale | None
+
+
+class Trainer(NamedTuple):
+    init: Callable[..., TrainState]
+    step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+    frozen: Callable[[], PyTree]
+    params: Callable[[TrainState], PyTree]
+
+
+def loss_for_task(task: str | TaskType | None, config: Any = None) -> LossFn:
+    """The loss of ``(model outputs, batch)`` for a task type."""
+    name = task.value if isinstance(task, TaskType) else (task or "CAUSAL_LM")
+    name = name.upper()
+    if name in ("CAUSAL_LM", "FEATURE_EXTRACTION"):
+        return lambda out, batch: losses.causal_lm_loss(
+            out.logits, batch.get("labels", batch["input_ids"]), batch.get("attention_mask")
+        )
+    if name == "SEQ_2_SEQ_LM":
+        return lambda out, batch: losses.seq2seq_lm_loss(
+            out.logits, batch["labels"], batch.get("decoder_attention_mask")
+        )
+    if name in ("SEQ_CLS", "TOKEN_CLS"):
+        return lambda out, batch: losses.classification_loss(out.logits, batch["labels"])
+    raise ValueError(f"no built-in loss for task {task!r}; pass `loss_fn(outputs, batch) -> (sum, count)`.")
+
+
+def model_inputs(
+    batch: Mapping[str, jax.Array], config: Any = None, task: str | None = None
+) -> dict[str, jax.Array]:
+    """The batch without ``labels``; seq2seq decoder inputs derived from labels when absent."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if task == "SEQ_2_SEQ_LM" and "decoder_input_ids" not in inputs and "labels" in batch:
+        inputs["decoder_input_ids"] = losses.shift_tokens_right(
+            batch["labels"], config.pad_token_id, config.decoder_start_token_id
+        )
+    return inputs
+
+
+def make_train_step(
+    peft_model: Any,
+    optimizer: optax.GradientTransformation,
+    *,
+    loss_fn: LossFn | None = None,
+    grad_accum_steps: int = 1,
+    precision: str | Policy | None = None,
+    jit: bool = True,
+) -> Trainer:
+    """Builds ``init``/``step`` for training the active adapter of ``peft_model``.
+
+    Args:
+      peft_model: a :class:`jpeft.PeftModel`; its active adapter trains.
+      optimizer: any optax transformation (it sees only the trainable leaves).
+      loss_fn: ``(outputs, batch) -> (loss sum, count)``; default from the adapter's
+        ``task_type`` (causal LM when unset), see :mod:`jpeft.train.losses`.
+      grad_accum_steps: micro-batches per step (the batch's leading axis must divide).
+      precision: ``"fp32"`` (default), ``"bf16"``, ``"fp16"`` (with dynamic loss
+        scaling) or a :class:`Policy`.
+      jit: compile the step (the frozen tree and batch are traced arguments).
+
+    Returns:
+      A :class:`Trainer` with ``init(key)``, ``step(state, frozen, batch)``,
+      ``frozen()`` (the frozen tree cast for the policy) and ``params(state)``.
+    """
+    if grad_accum_steps < 1:
+        raise ValueError(f"`grad_accum_steps` must be >= 1, got {grad_accum_steps}.")
+    policy = Policy.from_name(precision)
+    config = peft_model.peft_config[peft_model.active_adapters[0]]
+    task = config.task_type.value if config.task_type is not None else None
+    loss_fn = loss_fn or loss_for_task(task)
+    model_config = getattr(peft_model._binding, "config", None)
+
+    def init(key: jax.Array) -> TrainState:
+        trainable, _ = peft_model.split_params()
+        return TrainState(
+            step=jnp.asarray(0, jnp.int32),
+            trainable=trainable,
+            opt_state=optimizer.init(trainable),
+            rng=key,
+            loss_scale=policy.initial_loss_scale(),
+        )
+
+    def frozen() -> PyTree:
+        _, rest = peft_model.split_params()
+        return policy.cast(rest)
+
+    def params(state: TrainState) -> PyTree:
+        """The full params tree (base in its original dtype) with the trained adapter."""
+        _, rest = peft_model.split_params()
+        return combine(state.trainable, rest)
+
+    def micro_loss(trainable, frozen_tree, batch, key, scale):
+        outputs = peft_model.apply(
+            policy.cast(trainable),
+            frozen=frozen_tree,
+            train=True,
+            dropout_rng=key,
+            **model_inputs(batch, model_config, task),
+        )
+        total, count = loss_fn(outputs, batch)
+        # Differentiate the scaled *mean* (fp16 range); the caller multiplies back by ``count``.
+        count = jax.lax.stop_gradient(count)
+        return total * scale / jnp.maximum(count, 1.0), (total, count)
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, frozen_tree: PyTree, batch: Mapping[str, jax.Array]):
+        rng, step_key = jax.random.split(state.rng)
+        scale = state.loss_scale.scale if state.loss_scale is not None else jnp.asarray(1.0, jnp.float32)
+        leading = {k: v.shape[0] for k, v in batch.items()}
+        if any(n % grad_accum_steps for n in leading.values()):
+            raise ValueError(f"batch sizes {leading} do not divide into {grad_accum_steps} micro-batches.")
+        micro = jax.tree.map(
+            lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), dict(batch)
+        )
+
+        def body(carry, inputs):
+            grads_acc, total_acc, count_acc = carry
+            micro_batch, index = inputs
+            grads, (total, count) = grad_fn(
+                state.trainable, frozen_tree, micro_batch, jax.random.fold_in(step_key, index), scale
+            )
+            weight = jnp.maximum(count, 1.0)
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) * weight, grads_acc, grads)
+            return (grads_acc, total_acc + total, count_acc + count), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainable)
+        (grads, total, count), _ = jax.lax.scan(
+            body,
+            (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+            (micro, jnp.arange(grad_accum_steps)),
+        )
+        denominator = jnp.maximum(count, 1.0) * scale
+        grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.trainable)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        loss_scale = state.loss_scale
+        if loss_scale is not None:
+            finite = all_finite(grads)
+            trainable = jax.tree.map(lambda new, old: jnp.where(finite, new, old), trainable, state.trainable)
+            opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), opt_state, state.opt_state)
+            loss_scale = policy.update_loss_scale(loss_scale, finite)
+        metrics = {
+            "loss": total / jnp.maximum(count, 1.0),
+            "count": count,
+            "grad_norm": optax.global_norm(grads),
+        }
+        new_state = TrainState(state.step + 1, trainable, opt_state, rng, loss_scale)
+        return new_state, metrics
+
+    return Trainer(init=init, step=jax.jit(step) if jit else step, frozen=frozen, params=params)
+
+
+def masked_optimizer(optimizer: optax.GradientTransformation, mask: PyTree) -> optax.GradientTransformation:
+    """For users who keep one params tree: ``optimizer`` on ``mask``-True leaves, zero updates elsewhere.
+
+    (``optax.masked`` alone would pass the frozen leaves' raw gradients through as updates.)
+    """
+    labels = jax.tree.map(lambda trainable: "train" if trainable else "freeze", mask)
+    return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
