@@ -370,14 +370,8 @@ class PeftModel:
         return generate(effective, hook, names, args, kwargs)
 
     def enable_gradient_checkpointing(self) -> None:
-        """Rematerialise each transformer block in the backward pass (transformers' Flax models)."""
-        enable = getattr(self._binding, "enable_gradient_checkpointing", None)
-        if enable is None:
-            raise TypeError(
-                f"{self._binding.class_name} does not support gradient checkpointing through jpeft; wrap its "
-                "blocks in `flax.linen.remat` when building the module."
-            )
-        enable()
+        """Rematerialise each repeated block (``model.layers.N``, ...) in the backward pass: less memory, more compute."""
+        self._binding.enable_gradient_checkpointing()
 
     def __repr__(self) -> str:
         lines = [f"PeftModel({self._binding.class_name}, active={self._active})"]
@@ -477,7 +471,7 @@ class PeftModel:
             if (
                 entry.tree == "adapter"
                 and value.dtype != np.float32
-                and np.issubdtype(value.dtype, np.floating)
+                and jnp.issubdtype(value.dtype, jnp.floating)
             ):
                 value = value.astype(np.float32)  # PEFT stores adapter weights in fp32 by default
             out[PEFT_PREFIX + entry.key] = entry.to_torch(value)

@@ -67,6 +67,7 @@ class HFFlaxBinding:
         self.class_name = type(model).__name__
         self.name_or_path = getattr(model.config, "_name_or_path", None) or None
         self.output_embedding_names = frozenset(n for n in OUTPUT_EMBEDDING_NAMES if n in self.modules)
+        self.remat = False
 
     @property
     def torch_class_name(self) -> str:
@@ -87,7 +88,7 @@ class HFFlaxBinding:
         train: bool,
         dropout_rng: jax.Array | None,
     ) -> Any:
-        with hooked(hook, names):
+        with hooked(hook, names, remat=self.remat):
             return self.model(*args, params=params, dropout_rng=dropout_rng, train=train, **kwargs)
 
     def generate(
@@ -104,15 +105,12 @@ class HFFlaxBinding:
             return self.model.generate(*args, params=params, **kwargs)
 
     def enable_gradient_checkpointing(self) -> None:
-        """Swaps in transformers' remat version of the module (the user's model object is not changed)."""
-        model = copy.copy(self.model)
-        try:
-            model.enable_gradient_checkpointing()
-        except NotImplementedError:
-            raise TypeError(
-                f"{self.class_name} has no gradient checkpointing in transformers' Flax code."
-            ) from None
-        self.model = model
+        """Rematerialises every repeated block (``transformer.h.N``, ``model.layers.N``, ...) in the backward.
+
+        Done by jpeft's interceptor, so it also works for models whose transformers Flax code has
+        no gradient checkpointing of its own (GPT-2, Llama, BART).
+        """
+        self.remat = True
 
     def with_params(self, params: PyTree) -> Any:
         """A shallow copy of the HF model holding ``params`` (the original is left as it was)."""

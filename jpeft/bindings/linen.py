@@ -10,6 +10,8 @@ works under ``jit``, ``grad`` and ``vmap``.
 from __future__ import annotations
 
 import contextlib
+import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -106,10 +108,32 @@ def record_module_classes(run: Callable[[], Any]) -> dict[Path, type]:
     return classes
 
 
+_BLOCK = re.compile(r"(.+\.)?\d+")  # a module named by its index in a list of repeated blocks
+_inside_remat = threading.local()
+
+
+def _remat_call(module: nn.Module, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Calls ``module`` under Flax's lifted ``checkpoint``: its activations are recomputed in the backward pass."""
+
+    def run(mdl: nn.Module, *inner_args: Any) -> Any:
+        previous = getattr(_inside_remat, "name", None)
+        _inside_remat.name = name  # the re-entrant call of this block must not be wrapped again
+        try:
+            return mdl(*inner_args, **kwargs)
+        finally:
+            _inside_remat.name = previous
+
+    return nn.checkpoint(run)(module, *args)
+
+
 @contextlib.contextmanager
-def hooked(hook: Hook | None, names: frozenset[str]) -> Iterator[None]:
-    """Runs the enclosed linen calls with ``hook`` applied to the modules named in ``names``."""
-    if hook is None or not names:
+def hooked(hook: Hook | None, names: frozenset[str], *, remat: bool = False) -> Iterator[None]:
+    """Runs the enclosed linen calls with ``hook`` applied to the modules named in ``names``.
+
+    With ``remat``, every repeated block (a module whose name ends in its list index,
+    e.g. ``transformer.h.3``) is rematerialised in the backward pass.
+    """
+    if (hook is None or not names) and not remat:
         yield
         return
 
@@ -117,8 +141,10 @@ def hooked(hook: Hook | None, names: frozenset[str]) -> Iterator[None]:
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         name = ".".join(context.module.path)
+        if remat and _BLOCK.fullmatch(name) and getattr(_inside_remat, "name", None) != name:
+            return _remat_call(context.module, name, args, kwargs)
         out = next_fun(*args, **kwargs)
-        if name in names:
+        if hook is not None and name in names:
             return hook(name, args[0], out)
         return out
 
@@ -167,6 +193,10 @@ class LinenBinding:
         self.class_name = type(module).__name__
         self.name_or_path = None
         self.output_embedding_names: frozenset[str] = frozenset()
+        self.remat = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.remat = True
 
     @property
     def model(self) -> tuple[nn.Module, PyTree]:
@@ -184,7 +214,7 @@ class LinenBinding:
         dropout_rng: jax.Array | None,
     ) -> Any:
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-        with hooked(hook, names):
+        with hooked(hook, names, remat=self.remat):
             return self.module.apply({"params": params, **self.other_variables}, *args, rngs=rngs, **kwargs)
 
     def with_params(self, params: PyTree) -> tuple[nn.Module, PyTree]:

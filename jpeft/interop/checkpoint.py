@@ -34,6 +34,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 MODEL_CARD_NAME = "README.md"
 
+_RESERVED_NAMES = frozenset(
+    name.lower() for name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, MODEL_CARD_NAME)
+)
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 
@@ -43,6 +46,11 @@ def check_adapter_name(name: str) -> str:
         raise ValueError(
             f"adapter name {name!r} is not allowed: non-default adapters are saved in a subfolder of that name, "
             "so it must be a plain folder name (letters, digits, '_', '-', '.'; no '/', '\\' or '..')."
+        )
+    if name.lower() in _RESERVED_NAMES:
+        raise ValueError(
+            f"adapter name {name!r} is not allowed: it is the name of a file of the save folder's layout; "
+            "pick another name."
         )
     return name
 
@@ -66,30 +74,54 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_files(root: str | os.PathLike, files: Mapping[str, bytes]) -> None:
-    """Atomically writes ``{relative path: content}`` under ``root``.
+    """Atomically writes ``{relative path: content}`` under ``root``: all files or none.
 
-    All files are first written and fsynced in a staging folder inside ``root``; then
-    each is moved over its target with ``os.replace`` (atomic per file). On any error
-    the staging folder is removed and nothing already in ``root`` has changed.
+    Every file is first written and fsynced in a staging folder inside ``root``. Then
+    each existing target is hard-linked (or copied) into the staging folder as a backup
+    and the new file is moved over it with ``os.replace``. If any step fails, the files
+    already moved are put back (or removed when they are new), so ``root`` holds exactly
+    what it held before; the staging folder is always removed.
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"cannot save to {str(root)!r}: it exists and is a file, not a folder.")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot create the folder {str(root)!r} ({err}); pick another save path."
+        ) from None
     staging = Path(tempfile.mkdtemp(prefix=".jpeft-staging-", dir=root))
+    moved: list[tuple[Path, Path | None]] = []  # (target, backup of what it replaced)
     try:
         for rel, content in files.items():
-            tmp = staging / rel
+            tmp = staging / "new" / rel
             tmp.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as handle:
                 handle.write(content)
                 handle.flush()
                 os.fsync(handle.fileno())
-        for rel in files:
+        for index, rel in enumerate(files):
             target = root / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / rel, target)
+            backup = None
+            if target.exists():
+                backup = staging / "old" / str(index)
+                backup.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(target, backup)
+                except OSError:
+                    shutil.copy2(target, backup)
+            os.replace(staging / "new" / rel, target)
+            moved.append((target, backup))
             _fsync_dir(target.parent)
+    except BaseException:
+        for target, backup in reversed(moved):
+            if backup is not None:
+                os.replace(backup, target)
+            else:
+                target.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -142,7 +142,7 @@ class LoraConfig(PeftConfig):
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
 
-        if not isinstance(self.r, int) or self.r <= 0:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"`r` should be a positive integer value but the value passed is {self.r!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
@@ -159,6 +159,11 @@ class LoraConfig(PeftConfig):
             raise ConfigError(
                 "When `layers_pattern` is specified, `layers_to_transform` must also be specified "
                 "(the indexes of the layers to adapt)."
+            )
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ConfigError(
+                f"`lora_bias=True` works only with `init_lora_weights` True or False (as in PEFT), got "
+                f"{self.init_lora_weights!r}; drop one of the two."
             )
         if self.use_dora and self.lora_bias:
             raise ConfigError(
