@@ -108,12 +108,6 @@ def select_targets(
                 )
             targeted.append(name)
 
-    exclude = getattr(config, "exclude_modules", None)
-    if exclude and not any(_excluded_by(exclude, name) for name in modules):
-        warnings.warn(
-            f"You have passed exclude_modules={exclude} but no modules were excluded.", stacklevel=3
-        )
-
     if not targeted:
         listing = format_module_table(modules, limit=40)
         if not excluded:
@@ -138,6 +132,11 @@ def select_targets(
             "No modules were targeted for adaptation. This might be caused by a combination of mismatched "
             "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
             f"configuration. Modules of this model include:\n{listing}"
+        )
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude and not any(_excluded_by(exclude, name) for name in modules):
+        warnings.warn(
+            f"You have passed exclude_modules={exclude} but no modules were excluded.", stacklevel=3
         )
     return targeted
 
