@@ -27,7 +27,7 @@ from jpeft.core import registry
 from jpeft.core.modules import ModuleInfo
 from jpeft.core.tree import PyTree, combine, count_params, get_path, set_path, split
 from jpeft.errors import CheckpointError
-from jpeft.interop import checkpoint
+from jpeft.interop import checkpoint, hub
 from jpeft.tuners.base import PEFT_PREFIX, KeyEntry
 
 _PIPELINE_TAGS = {
@@ -101,6 +101,9 @@ class PeftModel:
         self._active: list[str] = []
         self._disabled = False
         self._merged: dict[str, Any] = {}  # adapter name -> what unmerging it needs
+        self._inference: set[str] = (
+            set()
+        )  # adapters frozen for inference (e.g. loaded with is_trainable=False)
         self.add_adapter(adapter_name, peft_config, key=key)
         self._active = [adapter_name]
 
@@ -192,19 +195,26 @@ class PeftModel:
         self.adapters[adapter_name] = adapter
         self.peft_config[adapter_name] = config
         self._plans[adapter_name] = plan
+        if config.inference_mode:
+            self._inference.add(adapter_name)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Makes ``adapter_name`` the active (and trainable) adapter."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Makes ``adapter_name`` the active adapter; trainable unless ``inference_mode`` (as PEFT)."""
         if not isinstance(adapter_name, str):
             raise TypeError("`set_adapter` takes one adapter name (a string).")
         if adapter_name not in self.adapters:
             raise ValueError(f"Adapter {adapter_name} not found; adapters: {sorted(self.adapters)}.")
         self._active = [adapter_name]
+        if inference_mode:
+            self._inference.add(adapter_name)
+        else:
+            self._inference.discard(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.adapters:
             raise ValueError(f"Adapter {adapter_name} does not exist")
         del self.adapters[adapter_name], self.peft_config[adapter_name], self._plans[adapter_name]
+        self._inference.discard(adapter_name)
         if adapter_name in self._active:
             remaining = [a for a in self._active if a != adapter_name] or sorted(self.adapters)[:1]
             if remaining:
@@ -225,7 +235,7 @@ class PeftModel:
     # ------------------------------------------------------------------ trainable split
 
     def _is_trainable_adapter(self, adapter_name: str) -> bool:
-        return adapter_name in self._active[:1] and not self.peft_config[adapter_name].inference_mode
+        return adapter_name in self._active[:1] and adapter_name not in self._inference
 
     def trainable_mask(self, params: Mapping[str, Any] | None = None) -> PyTree:
         """A boolean tree shaped like ``params``: ``True`` on the active adapter's leaves.
@@ -252,7 +262,10 @@ class PeftModel:
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, all)`` counted as PEFT counts them."""
-        total = count_params(self.base_params)
+        buffers = getattr(self._binding, "buffer_paths", frozenset())
+        total = count_params(self.base_params) - sum(
+            int(getattr(get_path(self.base_params, path), "size", 0)) for path in buffers
+        )
         trainable = 0
         for name, adapter in self.adapters.items():
             method = self._method(name)
@@ -505,6 +518,44 @@ class PeftModel:
                 "jpeft writes only safetensors (`safe_serialization=True`); PEFT's pickle format "
                 "(adapter_model.bin) is unsafe to load and is not written."
             )
+        if not is_main_process:
+            return
+        checkpoint.write_files(save_directory, self._files(selected_adapters, save_embedding_layers))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        selected_adapters: Sequence[str] | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload adapter (jpeft)",
+        revision: str | None = None,
+        create_pr: bool = False,
+        save_embedding_layers: bool | str = "auto",
+    ) -> str:
+        """Uploads the adapter folder (exactly what ``save_pretrained`` writes) to a Hub model repo.
+
+        Returns the commit URL. Authentication and endpoint follow ``huggingface_hub``
+        (``token=``, ``HF_TOKEN``, ``HF_ENDPOINT``).
+        """
+        from jpeft.interop import hub
+
+        files = self._files(selected_adapters, save_embedding_layers)
+        return hub.push_files(
+            repo_id,
+            files,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+    def _files(
+        self, selected_adapters: Sequence[str] | None, save_embedding_layers: bool | str
+    ) -> dict[str, bytes]:
+        """Every file of a save folder, by relative path."""
         names = list(self.adapters) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.adapters]
         if unknown:
@@ -512,8 +563,6 @@ class PeftModel:
                 f"You passed an invalid `selected_adapters` arguments, current supported adapter names are "
                 f"{list(self.adapters)} - got {unknown}."
             )
-        if not is_main_process:
-            return
         files: dict[str, bytes] = {}
         for name in names:
             config = self._config_for_save(name)
@@ -529,7 +578,7 @@ class PeftModel:
             pipeline_tag=_PIPELINE_TAGS.get(first.task_type) if first else None,
             peft_version=PEFT_FORMAT_VERSION,
         )
-        checkpoint.write_files(save_directory, files)
+        return files
 
     @classmethod
     def from_pretrained(
@@ -543,12 +592,17 @@ class PeftModel:
         subfolder: str | None = None,
         key: jax.Array | None = None,
         ignore_mismatched_sizes: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> PeftModel:
         """Loads an adapter folder written by jpeft or by torch PEFT onto ``model``.
 
         Args:
           model: the base model (transformers Flax model or ``(module, params)``).
-          model_id: the adapter folder.
+          model_id: the adapter folder, or a Hub repo id (downloaded through
+            ``huggingface_hub``: cached, ``HF_HUB_OFFLINE`` honoured; ``revision``,
+            ``token``, ``cache_dir`` passed on).
           adapter_name: the name to give it.
           is_trainable: ``False`` (default) loads it frozen, as PEFT does.
           config: use this config instead of the folder's ``adapter_config.json``.
@@ -556,7 +610,9 @@ class PeftModel:
           key: PRNG key for inits that run before the weights are copied in.
           ignore_mismatched_sizes: skip (with a warning) tensors whose shape differs.
         """
-        folder = checkpoint.resolve_folder(model_id, subfolder)
+        folder = hub.resolve_adapter_folder(
+            model_id, subfolder, revision=revision, token=token, cache_dir=cache_dir
+        )
         config = config if config is not None else registry.config_from_dict(checkpoint.read_config(folder))
         tensors = checkpoint.read_tensors(folder)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
@@ -573,9 +629,14 @@ class PeftModel:
         subfolder: str | None = None,
         key: jax.Array | None = None,
         ignore_mismatched_sizes: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> None:
         """Loads another adapter folder under ``adapter_name`` (not made active)."""
-        folder = checkpoint.resolve_folder(model_id, subfolder)
+        folder = hub.resolve_adapter_folder(
+            model_id, subfolder, revision=revision, token=token, cache_dir=cache_dir
+        )
         config = registry.config_from_dict(checkpoint.read_config(folder))
         tensors = checkpoint.read_tensors(folder)
         config = dataclasses.replace(config, inference_mode=not is_trainable)

@@ -37,6 +37,9 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
     "bloom": ["query_key_value"],
 }
 
+# Flax params that are buffers (not parameters) in the torch model: not counted, never trained.
+TORCH_BUFFERS = (("final_logits_bias",),)
+
 # Names transformers gives the output embedding (``get_output_embeddings()``).
 OUTPUT_EMBEDDING_NAMES = ("lm_head", "cls.predictions.decoder", "embed_out")
 
@@ -68,6 +71,7 @@ class HFFlaxBinding:
         self.name_or_path = getattr(model.config, "_name_or_path", None) or None
         self.output_embedding_names = frozenset(n for n in OUTPUT_EMBEDDING_NAMES if n in self.modules)
         self.remat = False
+        self.buffer_paths = frozenset(path for path in TORCH_BUFFERS if path[0] in self.params)
 
     @property
     def torch_class_name(self) -> str:

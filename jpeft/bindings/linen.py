@@ -194,6 +194,7 @@ class LinenBinding:
         self.name_or_path = None
         self.output_embedding_names: frozenset[str] = frozenset()
         self.remat = False
+        self.buffer_paths: frozenset[tuple[str, ...]] = frozenset()
 
     def enable_gradient_checkpointing(self) -> None:
         self.remat = True

@@ -9,6 +9,7 @@ from jpeft.train.losses import (
     shift_tokens_right,
 )
 from jpeft.train.precision import LossScale, Policy
+from jpeft.train.sharding import batch_sharding, fsdp_spec, param_shardings, param_specs, shard_params
 from jpeft.train.step import Trainer, TrainState, loss_for_task, make_train_step, masked_optimizer
 
 __all__ = [
@@ -16,6 +17,11 @@ __all__ = [
     "LossScale",
     "Policy",
     "TrainState",
+    "batch_sharding",
+    "fsdp_spec",
+    "param_shardings",
+    "param_specs",
+    "shard_params",
     "Trainer",
     "causal_lm_loss",
     "classification_loss",

@@ -12,7 +12,7 @@ Save and load both read that one list, so they cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -142,14 +142,29 @@ def override_entries(
 
 
 def bias_leaves_for(
-    bias: str, params: PyTree, targeted: Sequence[str], modules: Mapping[str, ModuleInfo]
+    bias: str,
+    params: PyTree,
+    targeted: Sequence[str],
+    modules: Mapping[str, ModuleInfo],
+    *,
+    modules_to_save: Sequence[str] = (),
+    buffers: Collection[Path] = frozenset(),
 ) -> list[Path]:
     """The base leaves PEFT makes trainable for ``bias`` (``"none"``, ``"lora_only"``, ``"all"``).
 
-    ``"all"`` follows PEFT literally: every parameter whose name contains ``bias``.
+    ``"all"`` follows PEFT literally: every parameter whose name contains ``bias``, except
+    leaves that are buffers in torch and leaves inside a ``modules_to_save`` module (the
+    module's trained copy already holds them).
     """
     if bias == "none":
         return []
     if bias == "lora_only":
         return [modules[name].bias_path for name in targeted if modules[name].has_bias]
-    return [path for path, _ in iter_leaves(params) if "bias" in ".".join(path)]
+    copied = [modules[name].path for name in modules_to_save]
+    return [
+        path
+        for path, _ in iter_leaves(params)
+        if "bias" in ".".join(path)
+        and path not in buffers
+        and not any(path[: len(prefix)] == prefix for prefix in copied)
+    ]

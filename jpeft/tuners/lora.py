@@ -317,7 +317,14 @@ def prepare(config: LoraConfig, binding: Any) -> LoraPlan:
                 )
 
     modules_to_save = base.resolve_modules_to_save(config.modules_to_save, modules)
-    bias_leaves = base.bias_leaves_for(config.bias, binding.params, targeted, modules)
+    bias_leaves = base.bias_leaves_for(
+        config.bias,
+        binding.params,
+        targeted,
+        modules,
+        modules_to_save=modules_to_save,
+        buffers=getattr(binding, "buffer_paths", frozenset()),
+    )
     return LoraPlan(
         config=config,
         layers=layers,
@@ -643,3 +650,34 @@ def counted_in_total(plan: LoraPlan, adapter: Mapping[str, Any]) -> int:
 
 
 registry.register(PeftType.LORA, LoraConfig, sys.modules[__name__])
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def adapter_specs(plan: LoraPlan, adapter: Mapping[str, Any], base_specs: PyTree) -> dict[str, Any]:
+    """Partition specs for the adapter tree that follow the specs of the weights it adapts.
+
+    ``lora_A`` is split like the weight's input axis and ``lora_B`` like its output axis
+    (the rank axis is never split), so ``x @ A @ B`` needs no more communication than
+    ``x @ W``. Module copies and biases take their base leaves' specs.
+    """
+    from jax.sharding import PartitionSpec
+
+    def axes(spec: Any, ndim: int) -> tuple[Any, ...]:
+        entries = tuple(spec) if spec is not None else ()
+        return entries + (None,) * (ndim - len(entries))
+
+    lora = {}
+    for name, layer in plan.layers.items():
+        info = layer.info
+        weight_axes = axes(get_path(base_specs, info.weight_path), 2)
+        in_axis, out_axis = weight_axes[::-1] if info.kernel_transposed else weight_axes
+        specs = {"lora_A": PartitionSpec(in_axis, None), "lora_B": PartitionSpec(None, out_axis)}
+        for extra in ("lora_B_bias", "lora_magnitude_vector"):
+            if extra in adapter["lora"][name]:
+                specs[extra] = PartitionSpec(out_axis)
+        lora[name] = specs
+    saved = {name: get_path(base_specs, plan.modules[name].path) for name in adapter["modules_to_save"]}
+    biases = {key: get_path(base_specs, tuple(key.split("."))) for key in adapter["bias"]}
+    return {"lora": lora, "modules_to_save": saved, "bias": biases}

@@ -1,0 +1,68 @@
+"""Placing a PeftModel's trees on a device mesh: data parallel and FSDP.
+
+The frozen base is sharded FSDP-style (each large leaf split along one axis over the
+``fsdp`` mesh axis); adapter leaves are sharded like the weights they adapt (see the
+method's ``adapter_specs``); batches are split over the ``data`` axis (and ``fsdp``, so
+every device gets a distinct slice). The train step itself does not change: ``jit``
+follows the input shardings.
+
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+    params = jpeft.train.shard_params(peft_model, mesh)
+    peft_model.params = params
+    batch = jax.device_put(batch, jpeft.train.batch_sharding(mesh))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+PyTree = Any
+
+
+def fsdp_spec(
+    shape: tuple[int, ...], mesh: Mesh, axis: str | None = "fsdp", min_size: int = 1024
+) -> PartitionSpec:
+    """Splits the largest dimension that the ``axis`` size divides; small leaves stay replicated."""
+    if axis is None or axis not in mesh.shape or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return PartitionSpec()
+    size = mesh.shape[axis]
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % size == 0:
+            return PartitionSpec(*([None] * dim), axis)
+    return PartitionSpec()
+
+
+def param_specs(
+    peft_model: Any, mesh: Mesh, *, fsdp_axis: str | None = "fsdp", min_size: int = 1024
+) -> PyTree:
+    """Partition specs for ``peft_model.params``: FSDP base, adapters following their weights."""
+    base_specs = jax.tree.map(
+        lambda x: fsdp_spec(tuple(x.shape), mesh, fsdp_axis, min_size), peft_model.base_params
+    )
+    adapters = {}
+    for name, adapter in peft_model.adapters.items():
+        method = peft_model._method(name)
+        adapters[name] = method.adapter_specs(peft_model._plans[name], adapter, base_specs)
+    return {"base": base_specs, "adapters": adapters}
+
+
+def param_shardings(peft_model: Any, mesh: Mesh, **kwargs: Any) -> PyTree:
+    specs = param_specs(peft_model, mesh, **kwargs)
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+
+
+def shard_params(peft_model: Any, mesh: Mesh, **kwargs: Any) -> PyTree:
+    """``peft_model.params`` placed on ``mesh`` (assign it back to ``peft_model.params``)."""
+    return jax.device_put(peft_model.params, param_shardings(peft_model, mesh, **kwargs))
+
+
+def batch_sharding(mesh: Mesh, axes: tuple[str, ...] = ("data", "fsdp")) -> NamedSharding:
+    """Leading (batch) axis split over all of ``axes`` present in the mesh."""
+    present = tuple(a for a in axes if a in mesh.shape)
+    return NamedSharding(mesh, PartitionSpec(present if present else None))
