@@ -1,5 +1,6 @@
 """Training helpers on optax: losses, a jitted train step, mixed precision."""
 
+from jpeft.train.checkpoint import TrainCheckpointer
 from jpeft.train.losses import (
     IGNORE_INDEX,
     causal_lm_loss,
@@ -9,16 +10,25 @@ from jpeft.train.losses import (
     shift_tokens_right,
 )
 from jpeft.train.precision import LossScale, Policy
-from jpeft.train.sharding import batch_sharding, fsdp_spec, param_shardings, param_specs, shard_params
+from jpeft.train.sharding import (
+    batch_sharding,
+    fsdp_spec,
+    make_mesh,
+    param_shardings,
+    param_specs,
+    shard_params,
+)
 from jpeft.train.step import Trainer, TrainState, loss_for_task, make_train_step, masked_optimizer
 
 __all__ = [
     "IGNORE_INDEX",
     "LossScale",
     "Policy",
+    "TrainCheckpointer",
     "TrainState",
     "batch_sharding",
     "fsdp_spec",
+    "make_mesh",
     "param_shardings",
     "param_specs",
     "shard_params",

@@ -6,7 +6,7 @@ method's ``adapter_specs``); batches are split over the ``data`` axis (and ``fsd
 every device gets a distinct slice). The train step itself does not change: ``jit``
 follows the input shardings.
 
-    mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+    mesh = jpeft.train.make_mesh(data=2, fsdp=4)
     params = jpeft.train.shard_params(peft_model, mesh)
     peft_model.params = params
     batch = jax.device_put(batch, jpeft.train.batch_sharding(mesh))
@@ -21,6 +21,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 PyTree = Any
+
+
+def make_mesh(data: int | None = None, fsdp: int = 1) -> Mesh:
+    """A ``("data", "fsdp")`` mesh over all devices (``data`` defaults to what ``fsdp`` leaves).
+
+    Axes are ``Auto``: shardings propagate through the (unannotated) model code.
+    """
+    count = jax.device_count()
+    data = count // fsdp if data is None else data
+    if data * fsdp != count:
+        raise ValueError(f"data={data} x fsdp={fsdp} must equal the {count} devices.")
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=auto)
 
 
 def fsdp_spec(
