@@ -412,10 +412,8 @@ class PeftModel:
             raise ValueError(
                 f"adapters {list(self._merged)} are merged into the base already; call `unmerge_adapter()` first."
             )
-        tied = getattr(self._binding.config, "tie_word_embeddings", False)
-        if tied and any(
-            layer.info.kind == "embedding" for n in names for layer in self._plans[n].layers.values()
-        ):
+        tied = getattr(self._binding, "tied_embedding_names", frozenset())
+        if any(layer_name in tied for n in names for layer_name in self._plans[n].layers):
             warnings.warn(
                 "Merging an adapted input embedding of a model with tied word embeddings also changes its output "
                 "head (they share one weight), as in PEFT; the merged model's logits differ from the unmerged ones.",
@@ -652,10 +650,10 @@ class PeftModel:
     ) -> None:
         entries = self._entries(adapter_name, save_embedding_layers=True)
         trees = {"adapter": self.adapters[adapter_name], "base": self.base_params}
-        required = {e.key for e in entries if e.tree == "adapter"}
+        required = {e.key for e in entries if e.tree == "adapter" and e.load}
         expected = {PEFT_PREFIX + e.key for e in entries}
         missing, mismatched, skipped = [], [], []
-        for entry in entries:
+        for entry in (e for e in entries if e.load):
             file_key = PEFT_PREFIX + entry.key
             if file_key not in tensors:
                 if entry.key in required:

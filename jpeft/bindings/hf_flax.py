@@ -72,6 +72,20 @@ class HFFlaxBinding:
         self.output_embedding_names = frozenset(n for n in OUTPUT_EMBEDDING_NAMES if n in self.modules)
         self.remat = False
         self.buffer_paths = frozenset(path for path in TORCH_BUFFERS if path[0] in self.params)
+        self.tied_embedding_names = self._tied_embeddings()
+
+    def _tied_embeddings(self) -> frozenset[str]:
+        """Input embeddings that the LM head reuses (no head weights of its own)."""
+        can_generate = getattr(self.model, "can_generate", lambda: False)()
+        if (
+            not (getattr(self.config, "tie_word_embeddings", False) and can_generate)
+            or self.output_embedding_names
+        ):
+            return frozenset()
+        vocab = getattr(self.config, "vocab_size", None)
+        return frozenset(
+            n for n, m in self.modules.items() if m.kind == "embedding" and m.in_features == vocab
+        )
 
     @property
     def torch_class_name(self) -> str:

@@ -195,6 +195,7 @@ class LinenBinding:
         self.output_embedding_names: frozenset[str] = frozenset()
         self.remat = False
         self.buffer_paths: frozenset[tuple[str, ...]] = frozenset()
+        self.tied_embedding_names: frozenset[str] = frozenset()
 
     def enable_gradient_checkpointing(self) -> None:
         self.remat = True

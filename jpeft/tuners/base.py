@@ -35,12 +35,15 @@ class KeyEntry:
         (PEFT's ``save_embedding_layers``).
       path: where the value lives in that tree.
       perm: axis permutation taking the Flax array to torch's layout (``None``: same).
+      load: ``False`` for tensors PEFT writes but that carry nothing to load (they are
+        written, and accepted without a warning when read).
     """
 
     key: str
     tree: Literal["adapter", "base"]
     path: Path
     perm: tuple[int, ...] | None = None
+    load: bool = True
 
     def to_torch(self, value: Any) -> np.ndarray:
         array = np.asarray(value)
@@ -117,6 +120,8 @@ def override_entries(
     modules: Mapping[str, ModuleInfo],
     bias_leaves: Sequence[Path],
     targeted: set[str],
+    *,
+    include_wrapper_biases: bool = False,
 ) -> list[KeyEntry]:
     """Checkpoint entries for module copies (full torch state) and trainable biases."""
     entries: list[KeyEntry] = []
@@ -129,6 +134,17 @@ def override_entries(
             entries.append(
                 KeyEntry(f"{prefix}.{torch_name}", "adapter", ("modules_to_save", name, *sub_path), perm)
             )
+    if include_wrapper_biases:
+        # PEFT's bias="all" filter also catches the ModulesToSaveWrapper's own bias entries.
+        for name, subtree in adapter.get("modules_to_save", {}).items():
+            for sub_path, _ in iter_leaves(subtree):
+                if sub_path[-1] != "bias":
+                    continue
+                inner = ".".join(sub_path)
+                copy_path = ("modules_to_save", name, *sub_path)
+                entries.append(KeyEntry(f"{name}.modules_to_save.{inner}", "adapter", copy_path, load=False))
+                base_path = (*modules[name].path, *sub_path)
+                entries.append(KeyEntry(f"{name}.original_module.{inner}", "base", base_path, load=False))
     for path in bias_leaves:
         module = ".".join(path[:-1])
         owner = modules.get(module)
@@ -152,9 +168,9 @@ def bias_leaves_for(
 ) -> list[Path]:
     """The base leaves PEFT makes trainable for ``bias`` (``"none"``, ``"lora_only"``, ``"all"``).
 
-    ``"all"`` follows PEFT literally: every parameter whose name contains ``bias``, except
-    leaves that are buffers in torch and leaves inside a ``modules_to_save`` module (the
-    module's trained copy already holds them).
+    ``"all"`` is every parameter named ``bias`` (torch ``*.bias``), except those inside a
+    ``modules_to_save`` module (the module's trained copy already holds them) and leaves
+    that are buffers in torch.
     """
     if bias == "none":
         return []
@@ -164,7 +180,7 @@ def bias_leaves_for(
     return [
         path
         for path, _ in iter_leaves(params)
-        if "bias" in ".".join(path)
+        if path[-1] == "bias"
         and path not in buffers
         and not any(path[: len(prefix)] == prefix for prefix in copied)
     ]

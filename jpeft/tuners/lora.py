@@ -626,7 +626,13 @@ def key_entries(
                     f"{name}.lora_magnitude_vector", "adapter", ("lora", name, "lora_magnitude_vector")
                 )
             )
-    entries += base.override_entries(adapter, plan.modules, plan.bias_leaves, set(plan.layers))
+    entries += base.override_entries(
+        adapter,
+        plan.modules,
+        plan.bias_leaves,
+        set(plan.layers),
+        include_wrapper_biases=plan.config.bias == "all",
+    )
     for name, layer in plan.layers.items():
         if _saves_embedding(plan, name, save_embedding_layers):
             info = layer.info
