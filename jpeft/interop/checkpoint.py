@@ -190,7 +190,12 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         others = sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
-        hint = f" It has adapters in subfolders {others}: pass `subfolder=`." if others else ""
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        hint = (
+            f" Adapters are in its subfolders ({shown}): pass one of those (or `subfolder=`)."
+            if others
+            else ""
+        )
         raise CheckpointError(f"{str(folder)!r} is not an adapter folder: it has no {CONFIG_NAME}.{hint}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

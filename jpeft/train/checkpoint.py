@@ -59,13 +59,21 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, state: TrainState, *, data_position: int, extra: Mapping[str, Any] | None = None) -> bool:
-        """Writes a checkpoint for ``state.step`` (asynchronously); returns whether one was written."""
+    def save(
+        self,
+        state: TrainState,
+        *,
+        data_position: int,
+        extra: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Writes a checkpoint for ``state.step`` (asynchronously) when the interval (or ``force``) says so."""
         step = int(state.step)
         meta = {"data_position": int(data_position), "step": step, **dict(extra or {})}
         ocp = self._ocp
         return self._manager.save(
             step,
+            force=force,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(meta)
             ),
