@@ -213,6 +213,10 @@ class PeftModel:
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.adapters:
             raise ValueError(f"Adapter {adapter_name} does not exist")
+        if adapter_name in self._merged:
+            raise ValueError(
+                f"Adapter {adapter_name} is merged into the base weights; call `unmerge_adapter()` first."
+            )
         del self.adapters[adapter_name], self.peft_config[adapter_name], self._plans[adapter_name]
         self._inference.discard(adapter_name)
         if adapter_name in self._active:
@@ -271,7 +275,12 @@ class PeftModel:
             method = self._method(name)
             total += method.counted_in_total(self._plans[name], adapter)
             if self._is_trainable_adapter(name):
-                trainable += count_params(adapter)
+                mask = self.trainable_mask()["adapters"][name]
+                trainable += sum(
+                    int(leaf.size)
+                    for leaf, on in zip(jax.tree.leaves(adapter), jax.tree.leaves(mask), strict=True)
+                    if on
+                )
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -412,16 +421,19 @@ class PeftModel:
             raise ValueError(
                 f"adapters {list(self._merged)} are merged into the base already; call `unmerge_adapter()` first."
             )
+        self._warn_if_tied_embedding(names)
+        for name in names:
+            merged = self._method(name).merge(merged, params["adapters"][name], self._plans[name])
+        return merged
+
+    def _warn_if_tied_embedding(self, names: Sequence[str]) -> None:
         tied = getattr(self._binding, "tied_embedding_names", frozenset())
         if any(layer_name in tied for n in names for layer_name in self._plans[n].layers):
             warnings.warn(
                 "Merging an adapted input embedding of a model with tied word embeddings also changes its output "
                 "head (they share one weight), as in PEFT; the merged model's logits differ from the unmerged ones.",
-                stacklevel=2,
+                stacklevel=3,
             )
-        for name in names:
-            merged = self._method(name).merge(merged, params["adapters"][name], self._plans[name])
-        return merged
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
         """Folds the (active) adapters into the base weights in place; calls then skip their layers.
@@ -431,6 +443,7 @@ class PeftModel:
         names = [
             n for n in (adapter_names if adapter_names is not None else self._active) if n not in self._merged
         ]
+        self._warn_if_tied_embedding(names)
         for name in names:
             method, adapter, plan = self._method(name), self.adapters[name], self._plans[name]
             record = method.merge_record(self.base_params, adapter, plan)
@@ -485,7 +498,7 @@ class PeftModel:
                 and jnp.issubdtype(value.dtype, jnp.floating)
             ):
                 value = value.astype(np.float32)  # PEFT stores adapter weights in fp32 by default
-            out[PEFT_PREFIX + entry.key] = entry.to_torch(value)
+            out[entry.file_key] = entry.to_torch(value)
         return out
 
     def _config_for_save(self, adapter_name: str) -> PeftConfig:
@@ -650,13 +663,13 @@ class PeftModel:
     ) -> None:
         entries = self._entries(adapter_name, save_embedding_layers=True)
         trees = {"adapter": self.adapters[adapter_name], "base": self.base_params}
-        required = {e.key for e in entries if e.tree == "adapter" and e.load}
-        expected = {PEFT_PREFIX + e.key for e in entries}
+        required = {e.file_key for e in entries if e.tree == "adapter" and e.load}
+        expected = {e.file_key for e in entries}
         missing, mismatched, skipped = [], [], []
         for entry in (e for e in entries if e.load):
-            file_key = PEFT_PREFIX + entry.key
+            file_key = entry.file_key
             if file_key not in tensors:
-                if entry.key in required:
+                if file_key in required:
                     missing.append(file_key)
                 continue
             current = get_path(trees[entry.tree], entry.path)

@@ -65,16 +65,49 @@ def resolve_adapter_folder(
             f"{f' at revision {revision!r}' if revision else ''} ({type(err).__name__}). Check the name, or log in "
             "(`huggingface-cli login` / `token=`) for a private repository."
         ) from None
-    except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hub could not be reached"
+    except LocalEntryNotFoundError as err:
+        from huggingface_hub import constants
+        from huggingface_hub.errors import OfflineModeIsEnabled
+
+        offline = constants.HF_HUB_OFFLINE or isinstance(err.__cause__, OfflineModeIsEnabled)
+        why = (
+            "offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
+            if offline
+            else "the Hub could not be reached"
+        )
         raise CheckpointError(
             f"no adapter folder at {str(local)!r}; as a Hub repo id, {model_id!r} cannot be fetched: {why} and it "
             "is not in the local cache. Pass an existing folder, or connect once to download it."
         ) from None
     except (HfHubHTTPError, OSError) as err:
         raise CheckpointError(f"downloading adapter {model_id!r} from the Hub failed: {err}") from None
-    return checkpoint.resolve_folder(snapshot, subfolder)
+    folder = checkpoint.resolve_folder(snapshot, subfolder)
+    if not (folder / checkpoint.WEIGHTS_NAME).is_file():
+        where = (
+            f"{model_id!r}"
+            + (f" (subfolder {subfolder!r})" if subfolder else "")
+            + (f" at revision {revision!r}" if revision else "")
+        )
+        raise CheckpointError(_missing_weights_message(where, model_id, prefix, revision, token))
+    return folder
+
+
+def _missing_weights_message(where: str, repo_id: str, prefix: str, revision: str | None, token) -> str:
+    """Why a Hub adapter has no safetensors weights: a pickle-only repo is named as such (never downloaded)."""
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi(token=token).model_info(repo_id, revision=revision or "main")
+        files = [sibling.rfilename for sibling in info.siblings or []]
+    except Exception:  # listing is only for a better message
+        files = []
+    if f"{prefix}{checkpoint.PICKLE_WEIGHTS_NAME}" in files:
+        return (
+            f"Hub adapter {where} holds only {checkpoint.PICKLE_WEIGHTS_NAME}, a pickle file, which jpeft never "
+            "downloads or loads (it can run arbitrary code). Ask its owner for adapter_model.safetensors, or convert "
+            "it in torch: `PeftModel.from_pretrained(model, repo).save_pretrained(out)`."
+        )
+    return f"Hub adapter {where} has no {checkpoint.WEIGHTS_NAME}; the adapter weights are missing."
 
 
 def push_files(

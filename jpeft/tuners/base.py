@@ -37,6 +37,9 @@ class KeyEntry:
       perm: axis permutation taking the Flax array to torch's layout (``None``: same).
       load: ``False`` for tensors PEFT writes but that carry nothing to load (they are
         written, and accepted without a warning when read).
+      prefix: the key's prefix in the file; ``base_model.model.`` for module tensors,
+        ``base_model.`` for tensors that belong to the tuner itself (VeRA's shared
+        projections).
     """
 
     key: str
@@ -44,6 +47,11 @@ class KeyEntry:
     path: Path
     perm: tuple[int, ...] | None = None
     load: bool = True
+    prefix: str = PEFT_PREFIX
+
+    @property
+    def file_key(self) -> str:
+        return self.prefix + self.key
 
     def to_torch(self, value: Any) -> np.ndarray:
         array = np.asarray(value)

@@ -213,7 +213,7 @@ def test_folder_without_config_hints_at_subfolders(saved, flax_model, tmp_path):
         jpeft.PeftModel.from_pretrained(flax_model, folder)
     msg = str(info.value)
     assert str(folder) in msg
-    assert "['alpha', 'zeta']" in msg and "subfolder=" in msg
+    assert "(alpha, zeta)" in msg and "subfolder=" in msg
     assert "unrelated" not in msg
     # and the hint works
     loaded = jpeft.PeftModel.from_pretrained(flax_model, folder, subfolder="alpha")
