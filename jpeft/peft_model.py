@@ -64,6 +64,24 @@ def bind(model: Any) -> Any:
     )
 
 
+def _read_adapter(
+    model_id: str | os.PathLike,
+    subfolder: str | None,
+    config: PeftConfig | None,
+    is_trainable: bool,
+    revision: str | None,
+    token: str | bool | None,
+    cache_dir: str | os.PathLike | None,
+) -> tuple[Any, PeftConfig, dict[str, np.ndarray]]:
+    """``(folder, config, tensors)`` of an adapter folder or Hub repo; the config frozen unless trainable."""
+    folder = hub.resolve_adapter_folder(
+        model_id, subfolder, revision=revision, token=token, cache_dir=cache_dir
+    )
+    config = config if config is not None else registry.config_from_dict(checkpoint.read_config(folder))
+    tensors = checkpoint.read_tensors(folder)
+    return folder, dataclasses.replace(config, inference_mode=not is_trainable), tensors
+
+
 def named_modules(model: Any) -> dict[str, ModuleInfo]:
     """The model's modules by name, with layer kind and shapes: torch's ``named_modules()`` for Flax.
 
@@ -621,12 +639,9 @@ class PeftModel:
           key: PRNG key for inits that run before the weights are copied in.
           ignore_mismatched_sizes: skip (with a warning) tensors whose shape differs.
         """
-        folder = hub.resolve_adapter_folder(
-            model_id, subfolder, revision=revision, token=token, cache_dir=cache_dir
+        folder, config, tensors = _read_adapter(
+            model_id, subfolder, config, is_trainable, revision, token, cache_dir
         )
-        config = config if config is not None else registry.config_from_dict(checkpoint.read_config(folder))
-        tensors = checkpoint.read_tensors(folder)
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
         peft_model = cls(model, config, adapter_name, key=key)
         peft_model._load_weights(adapter_name, tensors, str(folder), ignore_mismatched_sizes)
         return peft_model
@@ -645,12 +660,9 @@ class PeftModel:
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
         """Loads another adapter folder under ``adapter_name`` (not made active)."""
-        folder = hub.resolve_adapter_folder(
-            model_id, subfolder, revision=revision, token=token, cache_dir=cache_dir
+        folder, config, tensors = _read_adapter(
+            model_id, subfolder, None, is_trainable, revision, token, cache_dir
         )
-        config = registry.config_from_dict(checkpoint.read_config(folder))
-        tensors = checkpoint.read_tensors(folder)
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
         self.add_adapter(adapter_name, config, key=key)
         try:
             self._load_weights(adapter_name, tensors, str(folder), ignore_mismatched_sizes)
