@@ -17,6 +17,7 @@ from jpeft.errors import CheckpointError, ConfigError, JpeftError, NoMatchingMod
 from jpeft.mapping import get_peft_model
 from jpeft.peft_model import PeftModel, named_modules
 from jpeft.tuners.lora import LoraConfig
+from jpeft.tuners.vera import VeraConfig
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "PeftModel",
     "PeftType",
     "TaskType",
+    "VeraConfig",
     "combine",
     "config_from_dict",
     "get_peft_model",

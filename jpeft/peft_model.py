@@ -269,12 +269,15 @@ class PeftModel:
         def constant(tree: PyTree, value: bool) -> PyTree:
             return jax.tree.map(lambda _: value, tree)
 
+        def adapter_mask(name: str, tree: PyTree) -> PyTree:
+            if not self._is_trainable_adapter(name):
+                return constant(tree, False)
+            method_mask = getattr(self._method(name), "trainable_mask", None)
+            return method_mask(self._plans[name], tree) if method_mask is not None else constant(tree, True)
+
         return {
             "base": constant(params["base"], False),
-            "adapters": {
-                name: constant(tree, self._is_trainable_adapter(name))
-                for name, tree in params["adapters"].items()
-            },
+            "adapters": {name: adapter_mask(name, tree) for name, tree in params["adapters"].items()},
         }
 
     def split_params(self, params: Mapping[str, Any] | None = None) -> tuple[PyTree, PyTree]:
@@ -502,7 +505,7 @@ class PeftModel:
         """PEFT's ``get_peft_model_state_dict``: torch-layout arrays under PEFT's keys."""
         trees = {"adapter": self.adapters[adapter_name], "base": self.base_params}
         entries = self._entries(adapter_name, save_embedding_layers)
-        if save_embedding_layers == "auto" and any(e.tree == "base" for e in entries):
+        if save_embedding_layers == "auto" and any(e.tree == "base" and e.load for e in entries):
             warnings.warn(
                 "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
                 stacklevel=3,
