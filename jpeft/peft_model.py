@@ -413,7 +413,11 @@ class PeftModel:
         return generate(effective, hook, names, args, kwargs)
 
     def enable_gradient_checkpointing(self) -> None:
-        """Rematerialise each repeated block (``model.layers.N``, ...) in the backward pass: less memory, more compute."""
+        """Rematerialise each repeated block (``model.layers.N``, ...) in the backward pass: less memory, more compute.
+
+        Like :meth:`disable_adapter`, this is read when a function is traced: call it before
+        jitting the train step (a function already compiled keeps what it was traced with).
+        """
         self._binding.enable_gradient_checkpointing()
 
     def __repr__(self) -> str:
