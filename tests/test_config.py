@@ -310,8 +310,8 @@ def test_unknown_peft_type_raises(value):
 
 
 def test_known_but_unimplemented_peft_type_raises():
-    with pytest.raises(jpeft.ConfigError, match="IA3"):
-        jpeft.config_from_dict({"peft_type": "IA3", "target_modules": ["q"]})
+    with pytest.raises(jpeft.ConfigError, match="PREFIX_TUNING"):
+        jpeft.config_from_dict({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4})
 
 
 def test_peft_type_mismatch_in_from_dict():
