@@ -17,6 +17,7 @@ from jpeft.core.tree import combine, split
 from jpeft.errors import CheckpointError, ConfigError, JpeftError, NoMatchingModuleError
 from jpeft.mapping import get_peft_model
 from jpeft.peft_model import PeftModel, named_modules
+from jpeft.tuners.adalora import AdaLoraConfig
 from jpeft.tuners.ia3 import IA3Config
 from jpeft.tuners.lora import LoraConfig
 from jpeft.tuners.vera import VeraConfig
@@ -24,6 +25,7 @@ from jpeft.tuners.vera import VeraConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
     "CheckpointError",
     "ConfigError",
     "IA3Config",

@@ -119,9 +119,9 @@ class PeftModel:
         self._active: list[str] = []
         self._disabled = False
         self._merged: dict[str, Any] = {}  # adapter name -> what unmerging it needs
-        self._inference: set[str] = (
-            set()
-        )  # adapters frozen for inference (e.g. loaded with is_trainable=False)
+        self._allocators: dict[str, Any] = {}  # AdaLoRA rank-allocator state per adapter
+        # adapters frozen for inference (e.g. loaded with is_trainable=False)
+        self._inference: set[str] = set()
         self.add_adapter(adapter_name, peft_config, key=key)
         self._active = [adapter_name]
 
@@ -459,6 +459,33 @@ class PeftModel:
                 "head (they share one weight), as in PEFT; the merged model's logits differ from the unmerged ones.",
                 stacklevel=3,
             )
+
+    def update_and_allocate(self, global_step: int, grads: Mapping[str, Any]) -> None:
+        """AdaLoRA's rank allocation for the active adapter (PEFT's ``base_model.update_and_allocate``).
+
+        Call it after each optimizer step with that step's gradients: a tree shaped like
+        ``peft_model.params`` (or its trainable part), or like the adapter itself. It updates
+        the importance scores, masks ``lora_E`` to the step's budget, and at
+        ``total_step - tfinal`` records the final ``rank_pattern`` and prunes the adapter to it
+        (outputs unchanged: pruned triplets are already zero). Jitted loops use the pure
+        ``jpeft.tuners.adalora.update_and_allocate`` instead.
+        """
+        name = self._active[0]
+        method = self._method(name)
+        allocate = getattr(method, "update_and_allocate", None)
+        if allocate is None:
+            raise TypeError(
+                f"update_and_allocate is AdaLoRA's; adapter {name!r} is {self.peft_config[name].peft_type}."
+            )
+        if isinstance(grads, Mapping) and "adapters" in grads:
+            grads = grads["adapters"][name]
+        plan = self._plans[name]
+        state = self._allocators.get(name) or method.allocator_init(plan, self.adapters[name])
+        state, self.adapters[name] = allocate(state, self.adapters[name], grads, int(global_step), plan)
+        self._allocators[name] = state
+        if int(global_step) == plan.config.total_step - plan.config.tfinal:
+            method.set_rank_pattern(self, state["rank_pattern"], name)
+            self._allocators.pop(name)
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
         """Folds the (active) adapters into the base weights in place; calls then skip their layers.

@@ -89,6 +89,7 @@ def make_train_step(
     grad_accum_steps: int = 1,
     precision: str | Policy | None = None,
     jit: bool = True,
+    return_grads: bool = False,
 ) -> Trainer:
     """Builds ``init``/``step`` for training the active adapter of ``peft_model``.
 
@@ -101,6 +102,8 @@ def make_train_step(
       precision: ``"fp32"`` (default), ``"bf16"``, ``"fp16"`` (with dynamic loss
         scaling) or a :class:`Policy`.
       jit: compile the step (the frozen tree and batch are traced arguments).
+      return_grads: also return the step's (unscaled, averaged) gradients as
+        ``metrics["grads"]``, e.g. for AdaLoRA's rank allocator beside the step.
 
     Returns:
       A :class:`Trainer` with ``init(key)``, ``step(state, frozen, batch)``,
@@ -189,6 +192,8 @@ def make_train_step(
             "count": count,
             "grad_norm": optax.global_norm(grads),
         }
+        if return_grads:
+            metrics["grads"] = grads
         new_state = TrainState(state.step + 1, trainable, opt_state, rng, loss_scale)
         return new_state, metrics
 
