@@ -148,6 +148,7 @@ def train(args: argparse.Namespace) -> int:
     import jpeft.train as jt
     from jpeft.data import Batches, builtin_corpus, load_texts, pack
 
+    _check_layout(args, jax.device_count())
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_causal_lm(args.model, args.seed)
@@ -188,6 +189,16 @@ def train(args: argparse.Namespace) -> int:
         precision=args.precision,
     )
     state, frozen = trainer.init(jax.random.key(args.seed + 1)), trainer.frozen()
+    if mesh is not None:  # scalars (step, rng, optimizer counts) replicated over the mesh like the rest
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state = jax.tree.map(
+            lambda x: (
+                x if len(getattr(x, "sharding", replicated).device_set) > 1 else jax.device_put(x, replicated)
+            ),
+            state,
+        )
     checkpointer = jt.TrainCheckpointer(out / "checkpoints", save_interval_steps=args.save_every)
     history: list[dict[str, float]] = []
     if args.resume and (restored := checkpointer.restore(state)) is not None:
@@ -266,6 +277,25 @@ def train(args: argparse.Namespace) -> int:
     if args.skip_checks:
         return 0
     return _after_training(args, peft_model, tokenizer, adapter_dir, eval_rows)
+
+
+def _check_layout(args: argparse.Namespace, devices: int) -> None:
+    """Batch, accumulation and mesh flags that cannot work together, reported before any work."""
+    if args.fsdp < 1 or devices % args.fsdp:
+        raise CliError(
+            f"--fsdp {args.fsdp} must divide the {devices} devices; use one of "
+            f"{[d for d in range(1, devices + 1) if devices % d == 0]}."
+        )
+    if args.grad_accum < 1 or args.batch_size % args.grad_accum:
+        raise CliError(
+            f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum}."
+        )
+    micro = args.batch_size // args.grad_accum
+    if devices > 1 and micro % devices:
+        raise CliError(
+            f"each micro-batch ({micro} rows) must split evenly over the {devices} devices; use a "
+            f"--batch-size that is a multiple of {devices * args.grad_accum}."
+        )
 
 
 def _read_history(out: Path) -> list[dict[str, float]]:

@@ -11,6 +11,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jpeft.errors import JpeftError
+
+
+class DataError(JpeftError, ValueError):
+    """The training data does not fit the requested rows or batches."""
+
 
 def pack(texts: Sequence[str], encode: Callable[[str], list[int]], length: int, separator: int) -> np.ndarray:
     """Concatenates the encoded texts (``separator`` between them) and cuts rows of ``length`` tokens."""
@@ -20,7 +26,7 @@ def pack(texts: Sequence[str], encode: Callable[[str], list[int]], length: int, 
         stream.append(separator)
     rows = len(stream) // length
     if rows == 0:
-        raise ValueError(
+        raise DataError(
             f"the data holds {len(stream)} tokens, fewer than one row of {length}; use a shorter --seq-len."
         )
     return np.asarray(stream[: rows * length], dtype=np.int32).reshape(rows, length)
@@ -40,9 +46,9 @@ class Batches:
         self, rows: np.ndarray, batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1
     ):
         if batch_size % process_count:
-            raise ValueError(f"batch size {batch_size} must divide over {process_count} processes.")
+            raise DataError(f"batch size {batch_size} must divide over {process_count} processes.")
         if len(rows) < batch_size:
-            raise ValueError(
+            raise DataError(
                 f"only {len(rows)} rows of data for a batch of {batch_size}; lower --batch-size."
             )
         self.rows = rows
