@@ -1,0 +1,107 @@
+"""The contract every registered method meets, run through one table (optax-style).
+
+For each method, on the same tiny Llama: jit == eager, merged == unmerged (and unmerge
+restores), gradients only on trainable leaves, save/load round trip bit-exact, and the
+saved folder loads in torch PEFT with equal logits. Method-specific behaviour lives in
+each method's own test file; this file makes sure no method skips the basics.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft.core import registry
+from tests import parity
+
+CONFIGS = {
+    jpeft.PeftType.LORA: lambda: jpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    jpeft.PeftType.IA3: lambda: jpeft.IA3Config(
+        target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]
+    ),
+    jpeft.PeftType.VERA: lambda: jpeft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    jpeft.PeftType.ADALORA: lambda: jpeft.AdaLoraConfig(
+        init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"]
+    ),
+}
+
+
+def test_every_registered_method_is_in_the_table():
+    assert set(registry.registered_types()) == set(CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny):
+    return tiny("llama")
+
+
+def _model(pair, peft_type):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = jpeft.get_peft_model(pair.flax_model, CONFIGS[peft_type](), key=jax.random.key(3))
+    parity.perturb_jpeft_adapter(model, scale=0.2)  # also moves frozen leaves: keep the real ones below
+    params = model.params
+    mask = model.trainable_mask()
+    fresh = jpeft.get_peft_model(pair.flax_model, CONFIGS[peft_type](), key=jax.random.key(3)).params
+    params["adapters"] = jax.tree.map(
+        lambda p, f, m: p if m else f, params["adapters"], fresh["adapters"], mask["adapters"]
+    )
+    model.params = params
+    return model
+
+
+@pytest.mark.parametrize("peft_type", list(CONFIGS), ids=lambda t: t.value)
+def test_method_contract(pair, peft_type, tmp_path):
+    model = _model(pair, peft_type)
+    inputs = pair.inputs()
+    eager = parity.jax_logits(model, inputs)
+    base = np.asarray(pair.flax_model(**inputs).logits)
+    assert np.abs(eager - base).max() > 1e-3, "the adapter must change the output"
+
+    # jit == eager
+    jitted = jax.jit(functools.partial(model.apply, train=False))
+    np.testing.assert_allclose(np.asarray(jitted(model.params, **inputs).logits), eager, atol=1e-6)
+
+    # merged == unmerged; unmerge restores the base
+    base_before = model.base_params
+    merged = model.merge_and_unload()
+    np.testing.assert_allclose(np.asarray(merged(**inputs).logits), eager, atol=1e-5)
+    model.merge_adapter()
+    np.testing.assert_allclose(parity.jax_logits(model, inputs), eager, atol=1e-5)
+    model.unmerge_adapter()
+    for restored, original in zip(
+        jax.tree.leaves(model.base_params), jax.tree.leaves(base_before), strict=True
+    ):
+        np.testing.assert_allclose(restored, original, atol=1e-5)
+
+    # gradients only on trainable leaves
+    trainable, frozen = model.split_params()
+
+    def loss(trainable):
+        return jnp.mean(model.apply(trainable, frozen=frozen, **inputs).logits ** 2)
+
+    grads = jax.grad(loss)(trainable)
+    assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+    assert all(leaf is None for leaf in jax.tree.leaves(grads["base"], is_leaf=lambda x: x is None))
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["adapters"]))
+
+    # save/load round trip, bit-exact
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "adapter")
+        loaded = jpeft.PeftModel.from_pretrained(pair.flax_model, tmp_path / "adapter")
+    for got, want in zip(
+        jax.tree.leaves(loaded.adapters["default"]), jax.tree.leaves(model.adapters["default"]), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(parity.jax_logits(loaded, inputs), eager)
+
+    # torch PEFT loads the folder and agrees
+    torch_model = parity.torch_peft_load(pair, tmp_path / "adapter")
+    assert np.abs(parity.torch_logits(torch_model, inputs) - eager).max() <= parity.ATOL
