@@ -247,6 +247,23 @@ def test_train_on_a_txt_file_with_a_json_config(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
+def test_train_on_a_saved_datasets_folder(tmp_path, capsys, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    texts = [f"Entry {i}: a {'small' if i % 2 else 'large'} boat crosses the bay." for i in range(150)]
+    folder = tmp_path / "ds"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": texts})}).save_to_disk(str(folder))
+    calls = _spy_on_load_texts(monkeypatch)
+    out = tmp_path / "run"
+    code = cli.main(
+        [*SHORT, "--steps", "2", "--eval-every", "2", "--skip-checks", "--output-dir", str(out)]
+        + ["--data", str(folder), "--text-field", "body"]
+    )
+    assert code == 0, capsys.readouterr().out
+    assert calls == [texts]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_train_on_a_jsonl_file_with_a_yaml_config_and_flags(tmp_path, capsys, monkeypatch):
     texts = [f"Record {i} says: the river runs past the {'mill' if i % 3 else 'bridge'}." for i in range(150)]
     data = tmp_path / "train.jsonl"
