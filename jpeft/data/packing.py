@@ -48,9 +48,7 @@ class Batches:
         if batch_size % process_count:
             raise DataError(f"batch size {batch_size} must divide over {process_count} processes.")
         if len(rows) < batch_size:
-            raise DataError(
-                f"only {len(rows)} rows of data for a batch of {batch_size}; lower --batch-size."
-            )
+            raise DataError(f"only {len(rows)} rows of data for a batch of {batch_size}; lower --batch-size.")
         self.rows = rows
         self.batch_size = batch_size
         self.seed = seed

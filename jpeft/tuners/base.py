@@ -17,9 +17,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from jpeft.config import TASK_HEAD_MODULES, TaskType
 from jpeft.core.modules import ModuleInfo
-from jpeft.core.targets import modules_to_save_names
+from jpeft.core.targets import ALL_LINEAR, maybe_compact_targets, modules_to_save_names, select_targets
 from jpeft.core.tree import Path, PyTree, get_path, iter_leaves, set_path
+from jpeft.errors import ConfigError
 from jpeft.interop.torch_names import torch_leaf
 
 PEFT_PREFIX = "base_model.model."
@@ -65,6 +67,47 @@ class KeyEntry:
     def torch_shape(self, flax_shape: Sequence[int]) -> tuple[int, ...]:
         shape = tuple(flax_shape)
         return tuple(shape[i] for i in self.perm) if self.perm else shape
+
+
+def resolve_targets(
+    config: Any, binding: Any, *, supported_kinds: tuple[str, ...] = ("linear", "embedding")
+) -> tuple[Any, list[str]]:
+    """PEFT's target resolution for LoRA-style configs: ``(config as saved, targeted module names)``.
+
+    Task heads join ``modules_to_save``; ``target_modules=None`` takes PEFT's default for the
+    model type; ``"all-linear"`` expands to every linear layer except the output embedding
+    (or, for ``SEQ_CLS`` without one, the classifier head); long lists are compacted.
+    """
+    from jpeft.bindings.hf_flax import DEFAULT_LORA_TARGETS
+
+    modules: Mapping[str, ModuleInfo] = binding.modules
+    changes: dict[str, Any] = {}
+    heads = TASK_HEAD_MODULES.get(config.task_type) if config.task_type else None
+    if heads:
+        changes["modules_to_save"] = [*(config.modules_to_save or []), *heads]
+    target_modules = config.target_modules
+    if target_modules is None:
+        target_modules = DEFAULT_LORA_TARGETS.get(binding.model_type or "")
+        if target_modules is None:
+            raise ConfigError(
+                f"Please specify target_modules in peft_config: jpeft has no default for model type "
+                f"{binding.model_type!r}. List the module names to adapt (see `jpeft.named_modules(model)`)."
+            )
+        changes["target_modules"] = list(target_modules)
+    elif isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        exclude = set(binding.output_embedding_names)
+        if not exclude and config.task_type == TaskType.SEQ_CLS:
+            exclude.update([head for head in ("score", "classifier") if head in modules][:1])
+        changes["target_modules"] = [
+            name for name, info in modules.items() if info.kind == "linear" and name not in exclude
+        ]
+    if changes:
+        config = dataclasses.replace(config, **changes)
+    targeted = select_targets(config, modules, supported_kinds=supported_kinds)
+    compact = maybe_compact_targets(config.target_modules, list(modules))
+    if compact is not config.target_modules:
+        config = dataclasses.replace(config, target_modules=compact)
+    return config, targeted
 
 
 def leaf_key(path: Path) -> str:

@@ -33,10 +33,10 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jpeft.config import TASK_HEAD_MODULES, PeftConfig, PeftType, TaskType
+from jpeft.config import PeftConfig, PeftType
 from jpeft.core import registry
 from jpeft.core.modules import ModuleInfo
-from jpeft.core.targets import ALL_LINEAR, get_pattern_key, maybe_compact_targets, select_targets
+from jpeft.core.targets import get_pattern_key
 from jpeft.core.tree import PyTree, count_params, get_path, set_path
 from jpeft.errors import ConfigError
 from jpeft.tuners import base
@@ -224,40 +224,7 @@ def prepare(config: LoraConfig, binding: Any) -> LoraPlan:
     corrected for ``Conv1D`` targets; exactly the changes PEFT makes.
     """
     modules: Mapping[str, ModuleInfo] = binding.modules
-    changes: dict[str, Any] = {}
-
-    heads = TASK_HEAD_MODULES.get(config.task_type) if config.task_type else None
-    if heads:
-        changes["modules_to_save"] = [*(config.modules_to_save or []), *heads]
-
-    target_modules = config.target_modules
-    if target_modules is None:
-        from jpeft.bindings.hf_flax import DEFAULT_LORA_TARGETS
-
-        target_modules = DEFAULT_LORA_TARGETS.get(binding.model_type or "")
-        if target_modules is None:
-            raise ConfigError(
-                f"Please specify target_modules in peft_config: jpeft has no default for model type "
-                f"{binding.model_type!r}. List the module names to adapt (see `jpeft.named_modules(model)`)."
-            )
-        changes["target_modules"] = list(target_modules)
-    elif isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
-        exclude = set(binding.output_embedding_names)
-        if not exclude and config.task_type == TaskType.SEQ_CLS:
-            for head in ("score", "classifier"):
-                if head in modules:
-                    exclude.add(head)
-                    break
-        changes["target_modules"] = [
-            name for name, info in modules.items() if info.kind == "linear" and name not in exclude
-        ]
-    if changes:
-        config = dataclasses.replace(config, **changes)
-
-    targeted = select_targets(config, modules)
-    target_modules = maybe_compact_targets(config.target_modules, list(modules))
-    if target_modules is not config.target_modules:
-        config = dataclasses.replace(config, target_modules=target_modules)
+    config, targeted = base.resolve_targets(config, binding)
 
     conv1d = [modules[n].torch_type == "Conv1D" for n in targeted if modules[n].kind == "linear"]
     if any(conv1d) and not config.fan_in_fan_out:
