@@ -251,7 +251,7 @@ def layer_forward(
     a, e, b = params["lora_A"], params["lora_E"], params["lora_B"]
     xa = x.astype(a.dtype)
     if train and config.lora_dropout > 0.0:
-        xa = lora._dropout(xa, config.lora_dropout, key)
+        xa = base.dropout(xa, config.lora_dropout, key, "lora_dropout")
     delta = (xa @ (a * e).T) @ b.T
     return (out + delta * _factor(layer)).astype(out.dtype)
 

@@ -110,6 +110,19 @@ def resolve_targets(
     return config, targeted
 
 
+def dropout(x: Any, rate: float, key: Any, option: str) -> Any:
+    """Inverted dropout of the adapter's input, with an explicit key (``option`` names the config field)."""
+    import jax
+    import jax.numpy as jnp
+
+    if key is None:
+        raise ValueError(
+            f"`{option}` > 0 in training needs a random key: pass `dropout_rng=jax.random.key(...)`."
+        )
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 def leaf_key(path: Path) -> str:
     """Dotted form of a leaf path: the key an override is stored under."""
     return ".".join(path)

@@ -438,15 +438,6 @@ def apply_overrides(base_params: PyTree, adapter: Mapping[str, Any], plan: LoraP
     return base.apply_overrides(base_params, adapter, plan.modules, plan.bias_leaves)
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    if key is None:
-        raise ValueError(
-            "`lora_dropout` > 0 in training needs a random key: pass `dropout_rng=jax.random.key(...)`."
-        )
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
 def layer_forward(
     layer: LayerPlan,
     config: LoraConfig,
@@ -475,7 +466,7 @@ def layer_forward(
     xa = x.astype(lora_a.dtype)
     dropped = train and config.lora_dropout > 0.0
     if dropped:
-        xa = _dropout(xa, config.lora_dropout, key)
+        xa = base.dropout(xa, config.lora_dropout, key, "lora_dropout")
     lora_out = (xa @ lora_a) @ lora_b
     if not config.use_dora:
         result = lora_out * s

@@ -258,15 +258,6 @@ def _sliced(layer: LayerPlan, adapter: Mapping[str, Any]) -> tuple[jax.Array, ja
     return adapter["vera_A"][:, : info.in_features], adapter["vera_B"][: info.out_features, :]
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    if key is None:
-        raise ValueError(
-            "`vera_dropout` > 0 in training needs a random key: pass `dropout_rng=jax.random.key(...)`."
-        )
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
 def layer_forward(
     layer: LayerPlan,
     config: VeraConfig,
@@ -284,7 +275,7 @@ def layer_forward(
     sliced_a, sliced_b = _sliced(layer, adapter)
     xa = x.astype(lambda_d.dtype)
     if train and config.vera_dropout > 0.0:
-        xa = _dropout(xa, config.vera_dropout, key)
+        xa = base.dropout(xa, config.vera_dropout, key, "vera_dropout")
     hidden = lambda_d * (xa @ sliced_a.T.astype(xa.dtype))
     delta = lambda_b * (hidden @ sliced_b.T.astype(hidden.dtype))
     return (out + delta).astype(out.dtype)
