@@ -190,7 +190,7 @@ def make_train_step(
         metrics = {
             "loss": total / jnp.maximum(count, 1.0),
             "count": count,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         if return_grads:
             metrics["grads"] = grads
