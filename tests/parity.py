@@ -14,6 +14,31 @@ import jpeft
 ATOL = 1e-5
 
 
+def max_diff(a: Any, b: Any) -> float:
+    """Largest absolute difference of two same-shaped arrays, in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max())
+
+
+def assert_close(got: Any, want: Any, what: str, atol: float = ATOL) -> float:
+    """Asserts ``max_diff <= atol`` with a message naming ``what``; returns the difference."""
+    diff = max_diff(got, want)
+    assert diff <= atol, f"{what}: max |diff| = {diff:.3e} > {atol:.0e}"
+    return diff
+
+
+def captured(fn: Any) -> str:
+    """What ``fn()`` prints to stdout."""
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        fn()
+    return buffer.getvalue()
+
+
 def torch_inputs(inputs: dict[str, np.ndarray]) -> dict[str, Any]:
     import torch
 

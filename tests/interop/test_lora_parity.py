@@ -29,7 +29,6 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
@@ -317,16 +316,6 @@ CASES = [
 # --------------------------------------------------------------------------- helpers
 
 
-def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-
-
-def _assert_close(got: np.ndarray, want: np.ndarray, what: str, atol: float = parity.ATOL) -> None:
-    diff = _max_diff(got, want)
-    assert diff <= atol, f"{what}: max |diff| = {diff:.3e} > {atol:.0e}"
-
-
 def _saved_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in load_file(folder / "adapter_model.safetensors").items()}
 
@@ -411,11 +400,11 @@ def test_torch_to_jpeft(arch, lora_kwargs, tied_embedding, tiny, tmp_path):
     pair = tiny(arch)
     inputs = pair.inputs()
     ref = parity.torch_peft_save(pair, lora_kwargs, tmp_path)
-    assert _max_diff(ref, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT, (
+    assert parity.max_diff(ref, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT, (
         "adapter is a no-op"
     )
     loaded = jpeft.PeftModel.from_pretrained(pair.flax_model, tmp_path)
-    _assert_close(parity.jax_logits(loaded, inputs), ref, "torch PEFT adapter loaded by jpeft")
+    parity.assert_close(parity.jax_logits(loaded, inputs), ref, "torch PEFT adapter loaded by jpeft")
 
 
 @pytest.mark.parametrize(ARGS, _params("jpeft_to_torch"))
@@ -425,12 +414,12 @@ def test_jpeft_to_torch(arch, lora_kwargs, tied_embedding, tiny, tmp_path):
     inputs = pair.inputs()
     mine = _jpeft_adapter(pair, lora_kwargs)
     got = parity.jax_logits(mine, inputs)
-    assert _max_diff(got, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT, (
+    assert parity.max_diff(got, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT, (
         "adapter is a no-op"
     )
     _save_jpeft(mine, tmp_path)
     theirs = parity.torch_peft_load(pair, tmp_path)
-    _assert_close(parity.torch_logits(theirs, inputs), got, "jpeft adapter loaded by torch PEFT")
+    parity.assert_close(parity.torch_logits(theirs, inputs), got, "jpeft adapter loaded by torch PEFT")
 
 
 @pytest.mark.parametrize(ARGS, _params("checkpoint_format"))
@@ -466,7 +455,9 @@ def test_jpeft_merge(arch, lora_kwargs, tied_embedding, tiny):
         warnings.simplefilter("always")
         merged = mine.merge_and_unload()
     assert not isinstance(merged, jpeft.PeftModel)
-    _assert_close(parity.jax_logits(merged, inputs), parity.jax_logits(mine, inputs), "merged vs unmerged")
+    parity.assert_close(
+        parity.jax_logits(merged, inputs), parity.jax_logits(mine, inputs), "merged vs unmerged"
+    )
     # Nothing here is tied to an output head, so a warning that merging changes the head
     # (and the logits) would be false.
     tied_warnings = [str(w.message) for w in caught if "tied" in str(w.message).lower()]

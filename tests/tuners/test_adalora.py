@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import warnings
 from pathlib import Path
@@ -47,25 +45,6 @@ CASES = [
     pytest.param("bert", dict(init_r=5, target_r=3, total_step=10, task_type="SEQ_CLS"), id="bert-seq_cls"),
 ]
 ARGS = ("arch", "kwargs")
-
-
-def _max_diff(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max())
-
-
-def _assert_close(got, want, what: str, atol: float = parity.ATOL) -> float:
-    diff = _max_diff(got, want)
-    assert diff <= atol, f"{what}: max |diff| = {diff:.3e} > {atol:.0e}"
-    return diff
-
-
-def _captured(fn) -> str:
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        fn()
-    return buffer.getvalue()
 
 
 def _torch_adalora(pair, kwargs: dict, seed: int = 1, perturb: bool = True):
@@ -145,9 +124,9 @@ def test_torch_to_jpeft(arch, kwargs, tiny, tmp_path):
     torch_model = _torch_adalora(pair, kwargs)
     torch_model.save_pretrained(tmp_path)
     ref = parity.torch_logits(torch_model, inputs)
-    assert _max_diff(ref, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT
+    assert parity.max_diff(ref, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT
     loaded = _jpeft_load(pair, tmp_path)
-    _assert_close(parity.jax_logits(loaded, inputs), ref, "torch AdaLoRA loaded by jpeft")
+    parity.assert_close(parity.jax_logits(loaded, inputs), ref, "torch AdaLoRA loaded by jpeft")
 
 
 @pytest.mark.parametrize(ARGS, CASES)
@@ -156,10 +135,10 @@ def test_jpeft_to_torch(arch, kwargs, tiny, tmp_path):
     inputs = pair.inputs()
     mine = _jpeft_adalora(pair, kwargs)
     got = parity.jax_logits(mine, inputs)
-    assert _max_diff(got, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT
+    assert parity.max_diff(got, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT
     _save(mine, tmp_path)
     theirs = parity.torch_peft_load(pair, tmp_path)
-    _assert_close(parity.torch_logits(theirs, inputs), got, "jpeft AdaLoRA loaded by torch PEFT")
+    parity.assert_close(parity.torch_logits(theirs, inputs), got, "jpeft AdaLoRA loaded by torch PEFT")
 
 
 @pytest.mark.parametrize(ARGS, CASES)
@@ -178,8 +157,8 @@ def test_checkpoint_format_and_counts(arch, kwargs, tiny, tmp_path):
     torch_shapes = {k: v.shape for k, v in load_file(torch_dir / "adapter_model.safetensors").items()}
     assert jax_shapes == torch_shapes
     assert any(k.endswith(".lora_E") for k in jax_shapes)
-    expected = _captured(torch_model.print_trainable_parameters)
-    assert _captured(mine.print_trainable_parameters) == expected
+    expected = parity.captured(torch_model.print_trainable_parameters)
+    assert parity.captured(mine.print_trainable_parameters) == expected
     assert mine.get_nb_trainable_parameters() == tuple(torch_model.get_nb_trainable_parameters())
 
 
@@ -197,9 +176,9 @@ def test_merge_unmerge(arch, kwargs, tiny):
     mine = _jpeft_adalora(pair, kwargs)
     unmerged = parity.jax_logits(mine, inputs)
     base_before = jax.tree.map(np.asarray, mine.base_params)
-    _assert_close(parity.jax_logits(mine.merge_and_unload(), inputs), unmerged, "merge_and_unload")
+    parity.assert_close(parity.jax_logits(mine.merge_and_unload(), inputs), unmerged, "merge_and_unload")
     mine.merge_adapter()
-    _assert_close(parity.jax_logits(mine, inputs), unmerged, "merge_adapter")
+    parity.assert_close(parity.jax_logits(mine, inputs), unmerged, "merge_adapter")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mine.unmerge_adapter()
@@ -332,9 +311,9 @@ def test_pruned_save_and_load_match_peft(arch, tiny, tmp_path):
     torch_model.eval()
     ref = parity.torch_logits(torch_model, inputs)
     full = parity.jax_logits(mine, inputs)
-    _assert_close(full, ref, "after allocation, unpruned")
+    parity.assert_close(full, ref, "after allocation, unpruned")
     adalora.set_rank_pattern(mine, state["rank_pattern"])
-    _assert_close(parity.jax_logits(mine, inputs), ref, "after pruning")
+    parity.assert_close(parity.jax_logits(mine, inputs), ref, "after pruning")
 
     torch_dir, jax_dir = tmp_path / "torch", tmp_path / "jax"
     torch_model.save_pretrained(torch_dir)
@@ -350,11 +329,11 @@ def test_pruned_save_and_load_match_peft(arch, tiny, tmp_path):
         np.testing.assert_allclose(jax_t[k], torch_t[k], rtol=1e-6, atol=1e-6, err_msg=k)
 
     loaded = _jpeft_load(pair, torch_dir)
-    _assert_close(parity.jax_logits(loaded, inputs), ref, "pruned torch folder loaded by jpeft")
+    parity.assert_close(parity.jax_logits(loaded, inputs), ref, "pruned torch folder loaded by jpeft")
     reloaded = _jpeft_load(pair, jax_dir)
-    _assert_close(parity.jax_logits(reloaded, inputs), ref, "pruned jpeft folder loaded by jpeft")
+    parity.assert_close(parity.jax_logits(reloaded, inputs), ref, "pruned jpeft folder loaded by jpeft")
     theirs = parity.torch_peft_load(pair, jax_dir)
-    _assert_close(parity.torch_logits(theirs, inputs), ref, "pruned jpeft folder loaded by torch PEFT")
+    parity.assert_close(parity.torch_logits(theirs, inputs), ref, "pruned jpeft folder loaded by torch PEFT")
 
 
 def test_peft_model_update_and_allocate_beside_the_train_step(tiny, tmp_path):

@@ -17,9 +17,7 @@ because the adapter did nothing.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import warnings
 from pathlib import Path
@@ -96,25 +94,6 @@ CASES = [
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _max_diff(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max())
-
-
-def _assert_close(got, want, what: str, atol: float = parity.ATOL) -> float:
-    diff = _max_diff(got, want)
-    assert diff <= atol, f"{what}: max |diff| = {diff:.3e} > {atol:.0e}"
-    return diff
-
-
-def _captured(fn) -> str:
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        fn()
-    return buffer.getvalue()
 
 
 def _torch_ia3(pair, kwargs: dict, seed: int = 1):
@@ -195,13 +174,13 @@ def test_torch_to_jpeft(arch, kwargs, tiny, tmp_path, request):
             jpeft.PeftModel.from_pretrained(pair.flax_model, tmp_path)
         return
     ref = parity.torch_logits(torch_model, inputs)
-    assert _max_diff(ref, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT, (
+    assert parity.max_diff(ref, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT, (
         "adapter is a no-op"
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = jpeft.PeftModel.from_pretrained(pair.flax_model, tmp_path)
-    _assert_close(parity.jax_logits(loaded, inputs), ref, "torch PEFT IA3 adapter loaded by jpeft")
+    parity.assert_close(parity.jax_logits(loaded, inputs), ref, "torch PEFT IA3 adapter loaded by jpeft")
     # the feed-forward layers jpeft found are the ones PEFT marked
     theirs = {
         name.removeprefix("base_model.model."): module.is_feedforward
@@ -218,12 +197,12 @@ def test_jpeft_to_torch(arch, kwargs, tiny, tmp_path):
     inputs = pair.inputs()
     mine = _jpeft_ia3(pair, kwargs)
     got = parity.jax_logits(mine, inputs)
-    assert _max_diff(got, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT, (
+    assert parity.max_diff(got, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT, (
         "adapter is a no-op"
     )
     _save(mine, tmp_path)
     theirs = parity.torch_peft_load(pair, tmp_path)
-    _assert_close(parity.torch_logits(theirs, inputs), got, "jpeft IA3 adapter loaded by torch PEFT")
+    parity.assert_close(parity.torch_logits(theirs, inputs), got, "jpeft IA3 adapter loaded by torch PEFT")
 
 
 @pytest.mark.parametrize(ARGS, CASES)
@@ -247,9 +226,9 @@ def test_checkpoint_format_and_counts(arch, kwargs, tiny, tmp_path, request):
     assert jax_shapes == torch_shapes
     assert any(k.endswith(".ia3_l") for k in jax_shapes)
 
-    expected = _captured(torch_model.print_trainable_parameters)
+    expected = parity.captured(torch_model.print_trainable_parameters)
     assert expected.startswith("trainable params: ")
-    assert _captured(mine.print_trainable_parameters) == expected
+    assert parity.captured(mine.print_trainable_parameters) == expected
     assert mine.get_nb_trainable_parameters() == tuple(torch_model.get_nb_trainable_parameters())
 
 
@@ -263,11 +242,11 @@ def test_merge_unmerge(arch, kwargs, tiny):
 
     merged_model = mine.merge_and_unload()
     assert not isinstance(merged_model, jpeft.PeftModel)
-    _assert_close(parity.jax_logits(merged_model, inputs), unmerged, "merge_and_unload vs unmerged")
+    parity.assert_close(parity.jax_logits(merged_model, inputs), unmerged, "merge_and_unload vs unmerged")
 
     mine.merge_adapter()
     assert mine.merged_adapters == ["default"]
-    _assert_close(parity.jax_logits(mine, inputs), unmerged, "merge_adapter vs unmerged")
+    parity.assert_close(parity.jax_logits(mine, inputs), unmerged, "merge_adapter vs unmerged")
     with pytest.warns(UserWarning, match="Unmerge result can be inaccurate"):
         mine.unmerge_adapter()
     restored = jax.tree.map(np.asarray, mine.base_params)
@@ -275,7 +254,7 @@ def test_merge_unmerge(arch, kwargs, tiny):
         jax.tree_util.tree_leaves_with_path(base_before), jax.tree.leaves(restored), strict=True
     ):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
-    _assert_close(parity.jax_logits(mine, inputs), unmerged, "after unmerge")
+    parity.assert_close(parity.jax_logits(mine, inputs), unmerged, "after unmerge")
 
 
 # --------------------------------------------------------------------------- jit, training
@@ -288,7 +267,7 @@ def test_jit_matches_eager(arch, tiny):
     mine = _jpeft_ia3(pair, {"task_type": "CAUSAL_LM"})
     eager = parity.jax_logits(mine, inputs)
     jitted = jax.jit(functools.partial(mine.apply, train=False))(mine.params, **inputs).logits
-    _assert_close(jitted, eager, "jit vs eager", atol=1e-6)
+    parity.assert_close(jitted, eager, "jit vs eager", atol=1e-6)
 
 
 def test_training_updates_only_ia3_vectors(tiny):
@@ -334,7 +313,9 @@ def test_default_feedforward_outside_targets_saved_loadable(tiny, tmp_path):
     parity.perturb_jpeft_adapter(mine)
     _save(mine, tmp_path)
     theirs = parity.torch_peft_load(pair, tmp_path)
-    _assert_close(parity.torch_logits(theirs, inputs), parity.jax_logits(mine, inputs), "reloaded in torch")
+    parity.assert_close(
+        parity.torch_logits(theirs, inputs), parity.jax_logits(mine, inputs), "reloaded in torch"
+    )
 
 
 def test_two_adapters_multiply_on_output_scaled_layers(tiny):
@@ -353,7 +334,7 @@ def test_two_adapters_multiply_on_output_scaled_layers(tiny):
     p = single.params
     p["adapters"]["default"] = jax.tree.map(lambda x: 0.5 * x * x, params["adapters"]["default"])
     single.params = p
-    _assert_close(both, parity.jax_logits(single, inputs), "two adapters vs product")
+    parity.assert_close(both, parity.jax_logits(single, inputs), "two adapters vs product")
 
 
 # --------------------------------------------------------------------------- config and errors

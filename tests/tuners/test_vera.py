@@ -116,18 +116,6 @@ CASES = [
 # --------------------------------------------------------------------------- helpers
 
 
-def _max_diff(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max())
-
-
-def _assert_close(got, want, what: str, atol: float = parity.ATOL) -> float:
-    diff = _max_diff(got, want)
-    assert diff <= atol, f"{what}: max |diff| = {diff:.3e} > {atol:.0e}"
-    return diff
-
-
 def _torch_model(pair, kwargs, seed: int = 1):
     import peft
     import torch
@@ -218,7 +206,9 @@ def test_torch_to_jpeft(arch, kwargs, tiny, tmp_path):
     theirs.eval()
     theirs.save_pretrained(tmp_path)
     ref = parity.torch_logits(theirs, inputs)
-    assert _max_diff(ref, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT, "no-op adapter"
+    assert parity.max_diff(ref, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT, (
+        "no-op adapter"
+    )
 
     saved = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert ({"base_model.vera_A", "base_model.vera_B"} <= saved) == kwargs.get("save_projection", True)
@@ -230,7 +220,7 @@ def test_torch_to_jpeft(arch, kwargs, tiny, tmp_path):
     # bit-for-bit: read from the file, or regenerated from projection_prng_key
     np.testing.assert_array_equal(np.asarray(adapter["vera_A"]), want_a)
     np.testing.assert_array_equal(np.asarray(adapter["vera_B"]), want_b)
-    diff = _assert_close(parity.jax_logits(mine, inputs), ref, "torch PEFT VeRA loaded by jpeft")
+    diff = parity.assert_close(parity.jax_logits(mine, inputs), ref, "torch PEFT VeRA loaded by jpeft")
     print(f"torch -> jpeft max|diff| = {diff:.2e}")
 
 
@@ -242,14 +232,16 @@ def test_jpeft_to_torch(arch, kwargs, tiny, tmp_path):
     mine = _jpeft_model(pair, kwargs)
     _perturb_jpeft(mine)
     got = parity.jax_logits(mine, inputs)
-    assert _max_diff(got, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT, "no-op adapter"
+    assert parity.max_diff(got, parity.jax_logits(pair.flax_model, inputs)) > _MIN_ADAPTER_EFFECT, (
+        "no-op adapter"
+    )
     jax_dir, torch_dir = tmp_path / "jax", tmp_path / "torch"
     _save_jpeft(mine, jax_dir)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the save_projection=False notices
         theirs = parity.torch_peft_load(pair, jax_dir)
-    diff = _assert_close(parity.torch_logits(theirs, inputs), got, "jpeft VeRA loaded by torch PEFT")
+    diff = parity.assert_close(parity.torch_logits(theirs, inputs), got, "jpeft VeRA loaded by torch PEFT")
     print(f"jpeft -> torch max|diff| = {diff:.2e}")
 
     reference = _torch_model(pair, kwargs)
@@ -268,16 +260,16 @@ def test_merge_unmerge(arch, kwargs, tiny):
     base_params = mine.base_params
     merged = mine.merge_and_unload()
     assert not isinstance(merged, jpeft.PeftModel)
-    _assert_close(parity.jax_logits(merged, inputs), unmerged, "merge_and_unload vs unmerged")
+    parity.assert_close(parity.jax_logits(merged, inputs), unmerged, "merge_and_unload vs unmerged")
 
     mine.merge_adapter()
-    _assert_close(parity.jax_logits(mine, inputs), unmerged, "merge_adapter vs unmerged")
+    parity.assert_close(parity.jax_logits(mine, inputs), unmerged, "merge_adapter vs unmerged")
     mine.unmerge_adapter()
     for (path, before), after in zip(
         jax.tree_util.tree_leaves_with_path(base_params), jax.tree.leaves(mine.base_params), strict=True
     ):
-        _assert_close(after, before, f"unmerged base {jax.tree_util.keystr(path)}", atol=1e-6)
-    _assert_close(parity.jax_logits(mine, inputs), unmerged, "after unmerge")
+        parity.assert_close(after, before, f"unmerged base {jax.tree_util.keystr(path)}", atol=1e-6)
+    parity.assert_close(parity.jax_logits(mine, inputs), unmerged, "after unmerge")
 
 
 def test_delta_weight_matches_torch(tiny):
@@ -297,7 +289,7 @@ def test_delta_weight_matches_torch(tiny):
     for name, layer in plan.layers.items():
         want = theirs.base_model.model.get_submodule(name).get_delta_weight("default").detach().numpy()
         # GPT-2 Conv1D: torch's delta is (in, out) (fan_in_fan_out); Flax's FlaxConv1D kernel is (out, in)
-        _assert_close(np.asarray(vera.delta_weight(layer, adapter)).T, want, name, atol=1e-6)
+        parity.assert_close(np.asarray(vera.delta_weight(layer, adapter)).T, want, name, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- counts and training
@@ -353,7 +345,7 @@ def test_train_step_updates_lambdas_only(tiny):
     np.testing.assert_array_equal(np.asarray(after["vera_B"]), np.asarray(before["vera_B"]))
     for name, leaves in before["vera"].items():
         for leaf, value in leaves.items():
-            assert _max_diff(after["vera"][name][leaf], value) > 0, f"{name}.{leaf} did not train"
+            assert parity.max_diff(after["vera"][name][leaf], value) > 0, f"{name}.{leaf} did not train"
 
 
 def test_trainable_mask_and_grads_are_zero_on_projections(tiny):
@@ -436,7 +428,9 @@ def test_projection_sizes_are_over_all_targets(tiny):
     assert float(jnp.abs(adapter["vera_A"]).max()) <= bound
     # a fresh adapter is a no-op (lambda_b = 0)
     inputs = tiny("gpt2").inputs()
-    _assert_close(parity.jax_logits(gpt2, inputs), parity.jax_logits(tiny("gpt2").flax_model, inputs), "init")
+    parity.assert_close(
+        parity.jax_logits(gpt2, inputs), parity.jax_logits(tiny("gpt2").flax_model, inputs), "init"
+    )
 
 
 def test_projections_helper_is_deterministic():
