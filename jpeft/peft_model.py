@@ -292,11 +292,12 @@ class PeftModel:
             int(getattr(get_path(self.base_params, path), "size", 0)) for path in buffers
         )
         trainable = 0
+        masks = self.trainable_mask()["adapters"]
         for name, adapter in self.adapters.items():
             method = self._method(name)
             total += method.counted_in_total(self._plans[name], adapter)
             if self._is_trainable_adapter(name):
-                mask = self.trainable_mask()["adapters"][name]
+                mask = masks[name]
                 trainable += sum(
                     int(leaf.size)
                     for leaf, on in zip(jax.tree.leaves(adapter), jax.tree.leaves(mask), strict=True)
