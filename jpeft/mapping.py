@@ -7,6 +7,7 @@ from typing import Any
 import jax
 
 from jpeft.config import PeftConfig
+from jpeft.core import registry
 from jpeft.peft_model import PeftModel
 
 
@@ -42,4 +43,5 @@ def get_peft_model(
             "mixed=True (PEFT's PeftMixedModel, adapters of different methods in one model) is not supported "
             "by jpeft; use adapters of one method per PeftModel."
         )
-    return PeftModel(model, peft_config, adapter_name, key=key)
+    model_class = registry.model_class_for(peft_config.peft_type, PeftModel)
+    return model_class(model, peft_config, adapter_name, key=key)

@@ -677,6 +677,8 @@ class PeftModel:
         folder, config, tensors = _read_adapter(
             model_id, subfolder, config, is_trainable, revision, token, cache_dir
         )
+        if cls is PeftModel:
+            cls = registry.model_class_for(config.peft_type, PeftModel)
         peft_model = cls(model, config, adapter_name, key=key)
         peft_model._load_weights(adapter_name, tensors, str(folder), ignore_mismatched_sizes)
         return peft_model

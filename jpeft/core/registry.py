@@ -15,10 +15,26 @@ _METHODS: dict[PeftType, Any] = {}
 _CONFIGS: dict[PeftType, type[PeftConfig]] = {}
 
 
-def register(peft_type: PeftType, config_cls: type[PeftConfig], method: Any) -> None:
-    """Registers ``method`` (a module or object with the tuner functions) for ``peft_type``."""
+_MODEL_CLASSES: dict[PeftType, type] = {}
+
+
+def register(
+    peft_type: PeftType, config_cls: type[PeftConfig], method: Any, *, model_class: type | None = None
+) -> None:
+    """Registers ``method`` (a module or object with the tuner functions) for ``peft_type``.
+
+    ``model_class``: the ``PeftModel`` subclass that wraps models for this method (prompt
+    learning methods change the model's inputs, not its layers); ``None`` for ``PeftModel``.
+    """
     _METHODS[peft_type] = method
     _CONFIGS[peft_type] = config_cls
+    if model_class is not None:
+        _MODEL_CLASSES[peft_type] = model_class
+
+
+def model_class_for(peft_type: PeftType, default: type) -> type:
+    """The ``PeftModel`` class for ``peft_type`` (``default`` unless the method registered one)."""
+    return _MODEL_CLASSES.get(peft_type, default)
 
 
 def method_for(peft_type: PeftType) -> Any:
