@@ -16,7 +16,7 @@ from jpeft.core.registry import config_from_dict
 from jpeft.core.tree import combine, split
 from jpeft.errors import CheckpointError, ConfigError, JpeftError, NoMatchingModuleError
 from jpeft.mapping import get_peft_model
-from jpeft.peft_model import PeftModel, named_modules
+from jpeft.peft_model import PeftMixedModel, PeftModel, named_modules
 from jpeft.tuners.adalora import AdaLoraConfig
 from jpeft.tuners.ia3 import IA3Config
 from jpeft.tuners.lora import LoraConfig
@@ -35,6 +35,7 @@ __all__ = [
     "ModuleInfo",
     "NoMatchingModuleError",
     "PeftConfig",
+    "PeftMixedModel",
     "PeftModel",
     "PeftType",
     "TaskType",

@@ -8,7 +8,7 @@ import jax
 
 from jpeft.config import PeftConfig
 from jpeft.core import registry
-from jpeft.peft_model import PeftModel
+from jpeft.peft_model import PeftMixedModel, PeftModel
 
 
 def get_peft_model(
@@ -26,8 +26,10 @@ def get_peft_model(
         ``(linen_module, params)`` pair, or a binding such as ``jpeft.LinenBinding``.
       peft_config: e.g. ``LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"])``.
       adapter_name: name of the adapter (``"default"`` saves at the folder's root).
-      mixed: PEFT's mixed-method models; not supported (adapters of one model share
-        a method).
+      mixed: a :class:`~jpeft.peft_model.PeftMixedModel`, whose adapters may be of
+        different methods (e.g. LoRA + AdaLoRA, LoRA + IA3) and active together. This is
+        PEFT's meaning of ``mixed``; it is not mixed precision (see ``precision=`` of
+        :func:`jpeft.train.make_train_step`).
       key: PRNG key for the adapter's initialisation (default ``jax.random.key(0)``).
 
     Returns:
@@ -39,9 +41,6 @@ def get_peft_model(
       >>> peft_model.print_trainable_parameters()
     """
     if mixed:
-        raise NotImplementedError(
-            "mixed=True (PEFT's PeftMixedModel, adapters of different methods in one model) is not supported "
-            "by jpeft; use adapters of one method per PeftModel."
-        )
+        return PeftMixedModel(model, peft_config, adapter_name, key=key)
     model_class = registry.model_class_for(peft_config.peft_type, PeftModel)
     return model_class(model, peft_config, adapter_name, key=key)

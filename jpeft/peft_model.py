@@ -188,7 +188,7 @@ class PeftModel:
                 f"`peft_config` must be a jpeft config (e.g. LoraConfig), got {type(peft_config).__name__}."
             )
         for other in self.peft_config.values():
-            if other.peft_type != peft_config.peft_type:
+            if other.peft_type != peft_config.peft_type and not self._mixes(other, peft_config):
                 raise ValueError(
                     f"Cannot combine adapters with different peft types ({other.peft_type.value} and "
                     f"{peft_config.peft_type.value}) in one PeftModel."
@@ -216,17 +216,38 @@ class PeftModel:
         if config.inference_mode:
             self._inference.add(adapter_name)
 
-    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
-        """Makes ``adapter_name`` the active adapter; trainable unless ``inference_mode`` (as PEFT)."""
-        if not isinstance(adapter_name, str):
-            raise TypeError("`set_adapter` takes one adapter name (a string).")
+    def _mixes(self, a: PeftConfig, b: PeftConfig) -> bool:
+        """Whether adapters of configs ``a`` and ``b`` may live in this model together."""
+        return False
+
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Makes ``adapter_name`` the active adapter; trainable unless ``inference_mode`` (as PEFT).
+
+        A list activates several adapters at once, as PEFT's ``base_model.set_adapter([...])``:
+        their contributions add up (applied in the order given) and all of them train.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names or not all(isinstance(n, str) for n in names):
+            raise TypeError("`set_adapter` takes an adapter name or a non-empty list of adapter names.")
+        for name in names:
+            self._check_known(name)
+        if len(names) > 1:
+            prompt = [n for n in names if self.peft_config[n].is_prompt_learning]
+            if prompt:
+                raise ValueError(f"prompt-learning adapters {prompt} cannot be active with other adapters.")
+        self._active = list(dict.fromkeys(names))
+        for name in self._active:
+            if inference_mode:
+                self._inference.add(name)
+            else:
+                self._inference.discard(name)
+
+    def _check_known(self, adapter_name: str) -> None:
         if adapter_name not in self.adapters:
-            raise ValueError(f"Adapter {adapter_name} not found; adapters: {sorted(self.adapters)}.")
-        self._active = [adapter_name]
-        if inference_mode:
-            self._inference.add(adapter_name)
-        else:
-            self._inference.discard(adapter_name)
+            raise ValueError(
+                f"Adapter {adapter_name!r} not found; existing adapters: {list(self.adapters)}. Add or load it "
+                "first (`add_adapter` / `load_adapter`)."
+            )
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.adapters:
@@ -257,7 +278,7 @@ class PeftModel:
     # ------------------------------------------------------------------ trainable split
 
     def _is_trainable_adapter(self, adapter_name: str) -> bool:
-        return adapter_name in self._active[:1] and adapter_name not in self._inference
+        return adapter_name in self._active and adapter_name not in self._inference
 
     def trainable_mask(self, params: Mapping[str, Any] | None = None) -> PyTree:
         """A boolean tree shaped like ``params``: ``True`` on the active adapter's leaves.
@@ -321,6 +342,7 @@ class PeftModel:
         train: bool = False,
         dropout_rng: jax.Array | None = None,
         active_adapters: Sequence[str] | None = None,
+        adapter_names: Sequence[str] | jax.Array | None = None,
         **kwargs: Any,
     ) -> Any:
         """Runs the model with adapters: a pure function of its arguments.
@@ -334,6 +356,10 @@ class PeftModel:
           train: training mode (dropout on); static under ``jit``.
           dropout_rng: key for the model's and the adapters' dropout.
           active_adapters: adapters to use (default: the active ones; ``[]``: base model).
+          adapter_names: a mixed batch: one adapter name per example (``"__base__"``
+            for none), as PEFT's ``adapter_names=``; or the int array
+            ``peft_model.adapter_ids(names)`` (traced, so one compiled function serves
+            every mix). Inference only.
 
         Returns:
           The base model's output (e.g. ``FlaxCausalLMOutput``).
@@ -344,8 +370,130 @@ class PeftModel:
         """
         if frozen is not None:
             params = combine(params, frozen)
+        if adapter_names is not None:
+            effective, hook, names = self._prepare_mixed_batch(params, adapter_names, train)
+            return self._binding.run(effective, hook, names, args, kwargs, train=False, dropout_rng=None)
         effective, hook, names, base_rng = self._prepare(params, active_adapters, train, dropout_rng)
         return self._binding.run(effective, hook, names, args, kwargs, train=train, dropout_rng=base_rng)
+
+    def loss_batch(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The training batch as the loss sees it (prompt methods extend labels; others: unchanged)."""
+        return batch
+
+    # ------------------------------------------------------------------ mixed batches
+
+    BASE_ADAPTER_NAME = "__base__"
+
+    def _mixed_batch_adapters(self) -> list[str]:
+        """The adapters a mixed batch may name, in id order (merged ones excluded)."""
+        return [name for name in self.adapters if name not in self._merged]
+
+    def adapter_ids(self, adapter_names: Sequence[str]) -> np.ndarray:
+        """Per-example adapter ids for ``apply(..., adapter_names=ids)`` (``-1``: ``"__base__"``)."""
+        order = self._mixed_batch_adapters()
+        ids = []
+        for name in adapter_names:
+            if name == self.BASE_ADAPTER_NAME:
+                ids.append(-1)
+            elif name in order:
+                ids.append(order.index(name))
+            elif name in self._merged:
+                raise ValueError(
+                    f"adapter {name!r} is merged into the base weights; mixed batches need unmerged adapters "
+                    "(call `unmerge_adapter()`)."
+                )
+            else:
+                raise ValueError(
+                    f"Trying to infer with non-existing adapter(s): {name!r}; existing adapters: "
+                    f"{list(self.adapters)} (and '__base__' for the base model)."
+                )
+        return np.asarray(ids, np.int32)
+
+    def _prepare_mixed_batch(
+        self, params: Mapping[str, Any], adapter_names: Sequence[str] | jax.Array, train: bool
+    ) -> tuple[PyTree, Any, frozenset[str]]:
+        """The hook of a batch whose examples each use their own adapter (or none)."""
+        if train:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode (train=True).")
+        if self._merged:
+            raise ValueError(
+                f"Cannot pass `adapter_names` while adapters {list(self._merged)} are merged; call "
+                "`unmerge_adapter()` first."
+            )
+        if isinstance(adapter_names, (list, tuple)):
+            ids = jnp.asarray(self.adapter_ids(adapter_names))
+        else:
+            ids = jnp.asarray(adapter_names, jnp.int32)
+        if ids.ndim != 1:
+            raise ValueError(f"`adapter_names` must give one adapter per example, got shape {ids.shape}.")
+        order = self._mixed_batch_adapters()
+        for name in order:
+            config = self.peft_config[name]
+            if config.is_prompt_learning:
+                raise ValueError(f"mixed batches are not supported for prompt-learning adapter {name!r}.")
+            if getattr(config, "use_dora", False):
+                raise ValueError(
+                    f"Cannot pass `adapter_names` when DoRA is enabled (adapter {name!r}), as in PEFT."
+                )
+            adapter = params["adapters"][name]
+            overrides = [k for k in ("modules_to_save", "bias") if adapter.get(k)]
+            if overrides:
+                raise ValueError(
+                    f"adapter {name!r} trains whole modules or biases ({', '.join(overrides)}); jpeft's mixed "
+                    "batches support adapters that only add layer deltas. Run such adapters in separate "
+                    "batches (`active_adapters=[name]`)."
+                )
+        adapters = params["adapters"]
+        plans = self._plans
+        names: frozenset[str] = frozenset().union(*(plans[n].hooked for n in order))
+        effective = params["base"]
+
+        def hook(module: str, x: jax.Array, out: jax.Array) -> jax.Array:
+            if out.shape[0] != ids.shape[0] and out.shape[0] % ids.shape[0] == 0:
+                # beam search / num_return_sequences expand each example: repeat its id
+                per_example = jnp.repeat(ids, out.shape[0] // ids.shape[0])
+            elif out.shape[0] != ids.shape[0]:
+                raise ValueError(
+                    f"`adapter_names` has {ids.shape[0]} entries but the batch has {out.shape[0]} examples; "
+                    "pass one adapter name per example."
+                )
+            else:
+                per_example = ids
+            users = [(i, n) for i, n in enumerate(order) if module in plans[n].layers]
+            by_method: dict[Any, list[tuple[int, str]]] = {}
+            for i, n in users:
+                by_method.setdefault(self._method(n), []).append((i, n))
+            result = out
+            for method, group in by_method.items():
+                batched = getattr(method, "mixed_batch_forward", None)
+                if batched is not None:
+                    layers = [(i, plans[n].layers[module], plans[n].config, adapters[n]) for i, n in group]
+                    result = batched(
+                        layers,
+                        get_path(effective, plans[group[0][1]].layers[module].info.path),
+                        x,
+                        out,
+                        result,
+                        per_example,
+                    )
+                    continue
+                for i, n in group:
+                    layer = plans[n].layers[module]
+                    own = method.layer_forward(
+                        layer,
+                        plans[n].config,
+                        adapters[n],
+                        get_path(effective, layer.info.path),
+                        x,
+                        out,
+                        train=False,
+                        key=None,
+                    )
+                    chosen = (per_example == i).reshape((-1,) + (1,) * (out.ndim - 1))
+                    result = jnp.where(chosen, own, result)
+            return result
+
+        return effective, hook, names
 
     def _prepare(
         self,
@@ -359,7 +507,9 @@ class PeftModel:
             active_adapters = [] if self._disabled else self._active
         for name in active_adapters:
             if name not in self._plans:
-                raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(self._plans)}.")
+                raise ValueError(f"unknown adapter {name!r}; adapters: {list(self._plans)}.")
+        # adapters nest in the order they were added (the first is innermost), as PEFT's layers do
+        active_adapters = [name for name in self._plans if name in active_adapters]
         # merged adapters are already in the base weights
         active_adapters = [name for name in active_adapters if name not in self._merged]
         base_rng = lora_rng = None
@@ -396,15 +546,25 @@ class PeftModel:
 
         return effective, hook, names, base_rng
 
-    def generate(self, *args: Any, params: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+    def generate(
+        self,
+        *args: Any,
+        params: Mapping[str, Any] | None = None,
+        adapter_names: Sequence[str] | jax.Array | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """The base model's ``generate`` with the active adapters in place (unmerged).
 
         Takes the arguments of transformers' Flax ``generate`` (``max_length``,
         ``do_sample``, ``prng_key``, ``num_beams``, ...). ``params`` defaults to
-        ``self.params``.
+        ``self.params``. ``adapter_names`` (one per example, ``"__base__"`` for none)
+        generates a mixed batch, each example with its own adapter.
         """
         params = self.params if params is None else params
-        effective, hook, names, _ = self._prepare(params, None, False, None)
+        if adapter_names is not None:
+            effective, hook, names = self._prepare_mixed_batch(params, adapter_names, False)
+        else:
+            effective, hook, names, _ = self._prepare(params, None, False, None)
         generate = getattr(self._binding, "generate", None)
         if generate is None:
             raise TypeError(
@@ -764,3 +924,59 @@ class PeftModel:
             )
         self.adapters[adapter_name] = trees["adapter"]
         self.base_params = trees["base"]
+
+
+# PEFT's PeftMixedModel takes LoRA-family methods; jpeft also mixes IA3 and VeRA (see PeftMixedModel).
+_MIXABLE_TYPES = frozenset({"LORA", "ADALORA", "IA3", "VERA"})
+
+
+class PeftMixedModel(PeftModel):
+    """Adapters of different methods (e.g. LoRA and AdaLoRA, LoRA and IA3) in one model, active together.
+
+    PEFT's ``PeftMixedModel``; build it with ``jpeft.get_peft_model(model, config, mixed=True)``
+    and add adapters with :meth:`add_adapter` / :meth:`load_adapter`. "Mixed" means mixed
+    *methods*, not mixed precision (that is ``precision=`` of :func:`jpeft.train.make_train_step`).
+
+    As in PEFT, adapters on the same layer nest in the order they were added: the first
+    added is innermost, each later one wraps it. For LoRA-family adapters this is a sum;
+    an IA3 vector on a layer's *output* scales everything inside it. torch PEFT's mixed
+    model accepts LoRA, LoHa, LoKr, AdaLoRA and OFT; jpeft mixes LoRA, AdaLoRA, IA3 and
+    VeRA, so a LoRA + IA3 mix runs in jpeft only (each adapter still saves in PEFT's
+    format and loads in torch PEFT on its own). Saving writes each adapter in PEFT's
+    layout (non-default adapters in subfolders).
+    """
+
+    def __init__(self, model: Any, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any):
+        _check_mixable(peft_config)
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
+    def _mixes(self, a: PeftConfig, b: PeftConfig) -> bool:
+        _check_mixable(b)
+        return True
+
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        ordered = [n for n in self.adapters if n in names]
+        # IA3 on a feed-forward layer rescales the layer's input and recomputes its output, so it can only
+        # be the innermost adapter of that layer.
+        for position, name in enumerate(ordered):
+            config = self.peft_config[name]
+            if config.peft_type.value != "IA3":
+                continue
+            for module, layer in self._plans[name].layers.items():
+                inner = [n for n in ordered[:position] if module in self._plans[n].layers]
+                if getattr(layer, "is_feedforward", False) and inner:
+                    raise ValueError(
+                        f"IA3 adapter {name!r} scales the input of feed-forward layer {module!r}, which adapters "
+                        f"{inner} (added earlier) also change; add the IA3 adapter first, or do not target "
+                        f"{module!r} with both."
+                    )
+        super().set_adapter(adapter_name, inference_mode)
+
+
+def _check_mixable(config: PeftConfig) -> None:
+    if config.peft_type.value not in _MIXABLE_TYPES:
+        raise ValueError(
+            f"Adapter of type {config.peft_type.value} is not supported for mixed models; mixed models take "
+            f"{sorted(_MIXABLE_TYPES)} adapters."
+        )

@@ -144,7 +144,8 @@ def make_train_step(
             dropout_rng=key,
             **model_inputs(batch, model_config, task),
         )
-        total, count = loss_fn(outputs, batch)
+        # prompt methods prepend virtual tokens: their labels/mask grow to match the outputs
+        total, count = loss_fn(outputs, peft_model.loss_batch(batch))
         # Differentiate the scaled *mean* (fp16 range); the caller multiplies back by ``count``.
         count = jax.lax.stop_gradient(count)
         return total * scale / jnp.maximum(count, 1.0), (total, count)

@@ -27,7 +27,7 @@ import math
 import re
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -482,6 +482,59 @@ def layer_forward(
     else:
         base_no_bias = out - module_params["bias"] if "bias" in module_params else out
     return (out + (mag - 1) * base_no_bias + mag * lora_out * s).astype(out.dtype)
+
+
+def mixed_batch_forward(
+    layers: Sequence[tuple[int, LayerPlan, LoraConfig, Mapping[str, Any]]],
+    module_params: Mapping[str, jax.Array],
+    x: jax.Array,
+    out: jax.Array,
+    result: jax.Array,
+    ids: jax.Array,
+) -> jax.Array:
+    """``result`` plus, for each example, the delta of its own adapter (a mixed batch).
+
+    The adapters' factors are zero-padded to one rank, scaled and stacked (one extra
+    zero entry stands for the base model, id ``-1``), then each example gathers its own
+    ``A``/``B``: one batched low-rank product for the whole batch, however many
+    adapters it mixes (static shapes, nothing recompiles when the mix changes).
+
+    Args:
+      layers: ``(adapter id, layer plan, config, adapter tree)`` for each LoRA adapter
+        that targets this module.
+      module_params, out: unused (the delta does not depend on the base output).
+      x: the layer input, ``(batch, ..., in)`` (token ids for embeddings).
+      result: the output so far.
+      ids: ``(batch,)`` adapter id per example; ids of adapters not in ``layers`` add nothing.
+    """
+    del module_params, out
+    count = max(i for i, *_ in layers) + 2  # ids 0..max, then the zero entry for -1 / absent adapters
+    rank = max(layer.r for _, layer, _, _ in layers)
+    first = layers[0][1].info
+    a_rows = first.in_features  # the vocabulary size for an embedding
+    dtype = jnp.result_type(*(ad["lora"][layer.info.name]["lora_A"].dtype for _, layer, _, ad in layers))
+    stacked_a = jnp.zeros((count, a_rows, rank), dtype)
+    stacked_b = jnp.zeros((count, rank, first.out_features), dtype)
+    stacked_bias = None
+    for i, layer, _, adapter in layers:
+        params = adapter["lora"][layer.info.name]
+        stacked_a = stacked_a.at[i, :, : layer.r].set(params["lora_A"].astype(dtype))
+        stacked_b = stacked_b.at[i, : layer.r, :].set((params["lora_B"] * layer.scaling).astype(dtype))
+        if "lora_B_bias" in params:
+            if stacked_bias is None:
+                stacked_bias = jnp.zeros((count, first.out_features), dtype)
+            stacked_bias = stacked_bias.at[i].set((params["lora_B_bias"] * layer.scaling).astype(dtype))
+    index = jnp.where(ids < 0, count - 1, jnp.minimum(ids, count - 1))
+    b = stacked_b[index]  # (batch, rank, out)
+    if first.kind == "embedding":
+        rows = stacked_a[index[:, None], x.reshape(x.shape[0], -1)]  # (batch, tokens, rank)
+        delta = jnp.einsum("btr,bro->bto", rows, b).reshape(*x.shape, -1)
+    else:
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).astype(dtype)
+        delta = jnp.einsum("bti,bir,bro->bto", flat, stacked_a[index], b).reshape(*x.shape[:-1], -1)
+        if stacked_bias is not None:
+            delta = delta + stacked_bias[index].reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (-1,))
+    return (result + delta).astype(result.dtype)
 
 
 # --------------------------------------------------------------------------- merge
