@@ -105,6 +105,10 @@ def make_train_step(
       return_grads: also return the step's (unscaled, averaged) gradients as
         ``metrics["grads"]``, e.g. for AdaLoRA's rank allocator beside the step.
 
+    The jitted step donates its ``state`` argument (adapters and optimizer state are
+    updated in place): use the returned state, not the one passed in
+    (``jax.device_get(state)`` keeps a host copy).
+
     Returns:
       A :class:`Trainer` with ``init(key)``, ``step(state, frozen, batch)``,
       ``frozen()`` (the frozen tree cast for the policy) and ``params(state)``.
@@ -119,6 +123,8 @@ def make_train_step(
 
     def init(key: jax.Array) -> TrainState:
         trainable, _ = peft_model.split_params()
+        # copies: the step donates the state, and these arrays are also the model's own
+        trainable = jax.tree.map(jnp.copy, trainable)
         return TrainState(
             step=jnp.asarray(0, jnp.int32),
             trainable=trainable,
@@ -158,6 +164,13 @@ def make_train_step(
         leading = {k: v.shape[0] for k, v in batch.items()}
         if any(n % grad_accum_steps for n in leading.values()):
             raise ValueError(f"batch sizes {leading} do not divide into {grad_accum_steps} micro-batches.")
+        if grad_accum_steps == 1:
+            # no scan, no accumulator: the step XLA sees is the plain forward + backward
+            grads, (total, count) = grad_fn(
+                state.trainable, frozen_tree, dict(batch), jax.random.fold_in(step_key, 0), scale
+            )
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32) * jnp.maximum(count, 1.0), grads)
+            return finish(state, rng, scale, grads, total, count)
         micro = jax.tree.map(
             lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), dict(batch)
         )
@@ -178,6 +191,9 @@ def make_train_step(
             (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
             (micro, jnp.arange(grad_accum_steps)),
         )
+        return finish(state, rng, scale, grads, total, count)
+
+    def finish(state, rng, scale, grads, total, count):
         denominator = jnp.maximum(count, 1.0) * scale
         grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.trainable)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
@@ -198,7 +214,9 @@ def make_train_step(
         new_state = TrainState(state.step + 1, trainable, opt_state, rng, loss_scale)
         return new_state, metrics
 
-    return Trainer(init=init, step=jax.jit(step) if jit else step, frozen=frozen, params=params)
+    # the state is donated: its buffers (adapters, optimizer moments) are updated in place
+    jitted = jax.jit(step, donate_argnums=(0,)) if jit else step
+    return Trainer(init=init, step=jitted, frozen=frozen, params=params)
 
 
 def masked_optimizer(optimizer: optax.GradientTransformation, mask: PyTree) -> optax.GradientTransformation:

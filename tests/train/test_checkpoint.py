@@ -115,7 +115,7 @@ def test_latest_of_several_and_other_key_impl(fp16_trainer, tmp_path):
             state, _ = trainer.step(state, frozen, batch_at(position))
             checkpointer.save(state, data_position=position + 1)
             checkpointer.wait()
-            saved[int(state.step)] = state
+            saved[int(state.step)] = jax.device_get(state)  # the next step donates `state`
         assert checkpointer.latest_step() == 3
         template = trainer.init(jax.random.key(0, impl="rbg"))
         latest, meta = checkpointer.restore(template)

@@ -230,9 +230,10 @@ def test_grad_accumulation_equals_full_batch_with_token_weighting(tiny):
     frozen = full.frozen()
     state0 = full.init(jax.random.key(0))
     assert_bitwise_equal(accum.init(jax.random.key(0)).trainable, state0.trainable)
+    initial = jax.device_get(state0)
 
-    s1, m1 = full.step(state0, frozen, batch)
-    s4, m4 = accum.step(state0, frozen, batch)
+    s1, m1 = full.step(state0, frozen, batch)  # donates state0
+    s4, m4 = accum.step(accum.init(jax.random.key(0)), frozen, batch)
 
     # The full-batch loss is the token-weighted mean over all counted targets.
     trainable, _ = peft_model.split_params()
@@ -250,7 +251,7 @@ def test_grad_accumulation_equals_full_batch_with_token_weighting(tiny):
 
     np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=0, atol=1e-6)
     np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
-    assert max_abs_diff(s1.trainable, state0.trainable) > 1e-3  # the step did something
+    assert max_abs_diff(s1.trainable, initial.trainable) > 1e-3  # the step did something
     assert_trees_close(s4.trainable, s1.trainable, atol=1e-6, what="accumulated vs full")
 
     # A naive mean of the micro-batch means is a different loss and a different update.
@@ -514,27 +515,31 @@ def test_fp16_loss_scaling_skips_bad_steps_and_regrows(tiny):
     assert all(x.dtype == jnp.float16 for x in jax.tree.leaves(frozen))
 
     s0 = good.init(jax.random.key(0))
+
+    def keep(state):  # the step donates its state; the test compares old and new ones
+        return jax.tree.map(jnp.copy, state)
+
     assert float(s0.loss_scale.scale) == 2.0**15 and int(s0.loss_scale.good_steps) == 0
 
-    s1, m1 = good.step(s0, frozen, batch)
+    s1, m1 = good.step(keep(s0), frozen, batch)
     assert np.isfinite(float(m1["loss"])) and np.isfinite(float(m1["grad_norm"]))
     assert float(s1.loss_scale.scale) == 2.0**15 and int(s1.loss_scale.good_steps) == 1
     assert max_abs_diff(s1.trainable, s0.trainable) > 0
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s1.trainable))
 
-    s2, m2 = bad.step(s1, frozen, batch)
+    s2, m2 = bad.step(keep(s1), frozen, batch)
     assert not np.isfinite(float(m2["grad_norm"]))
     assert_bitwise_equal(s2.trainable, s1.trainable, "skipped step: trainable")
     assert_bitwise_equal(s2.opt_state, s1.opt_state, "skipped step: opt_state")
     assert float(s2.loss_scale.scale) == 2.0**14 and int(s2.loss_scale.good_steps) == 0
 
-    s3, _ = good.step(s2, frozen, batch)
+    s3, _ = good.step(keep(s2), frozen, batch)
     assert float(s3.loss_scale.scale) == 2.0**14 and int(s3.loss_scale.good_steps) == 1
     assert max_abs_diff(s3.trainable, s2.trainable) > 0
-    s4, _ = good.step(s3, frozen, batch)  # `period` good steps in a row: the scale doubles
+    s4, _ = good.step(keep(s3), frozen, batch)  # `period` good steps in a row: the scale doubles
     assert float(s4.loss_scale.scale) == 2.0**15 and int(s4.loss_scale.good_steps) == 0
-    s5, _ = good.step(s4, frozen, batch)
-    s6, _ = good.step(s5, frozen, batch)
+    s5, _ = good.step(keep(s4), frozen, batch)
+    s6, _ = good.step(keep(s5), frozen, batch)
     assert float(s6.loss_scale.scale) == 2.0**16
 
 
