@@ -275,6 +275,43 @@ class PeftModel:
         finally:
             self._disabled = previous
 
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        **kwargs: Any,
+    ) -> None:
+        """Adds ``adapter_name``: LoRA ``adapters`` combined with ``weights``, as PEFT's method.
+
+        ``combination_type`` is one of PEFT's: ``svd`` (with ``svd_rank``), ``linear``, ``cat``,
+        ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` (these with ``density``)
+        and their ``*_svd`` forms. DARE's random masks come from ``key=`` (a JAX PRNG key).
+        The new adapter is frozen and not active. See
+        :func:`jpeft.tuners.lora_weighted.add_weighted_adapter`.
+        """
+        from jpeft.tuners.lora_weighted import add_weighted_adapter
+
+        add_weighted_adapter(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices,
+            density=density,
+            majority_sign_method=majority_sign_method,
+            **kwargs,
+        )
+
     # ------------------------------------------------------------------ trainable split
 
     def _is_trainable_adapter(self, adapter_name: str) -> bool:
