@@ -1,0 +1,154 @@
+"""Issue 9, items 1, 2 and 5: the LoRA training step against torch PEFT and against full fine-tuning.
+
+For each model shape, in one run and interleaved (A B C A B C ...), with the same config, batch,
+sequence length and thread count:
+
+- ``jpeft``: ``jpeft.get_peft_model`` + ``jpeft.train.make_train_step(peft_model, optax.adamw)``.
+- ``torch``: ``peft.get_peft_model`` + ``torch.optim.AdamW`` on the transformers torch model.
+- ``full``: full fine-tuning of the same Flax model in plain JAX (adamw, params donated).
+- ``proto`` (with ``--proto``): the best prototype of ``benchmarks/prototypes/fast_step.py``.
+
+Reported: median step time of ``--steps`` after ``--warmup`` (compile time apart), ratios
+jpeft/torch (target <= 0.8) and jpeft/full (target <= 0.75), peak memory jpeft/full from
+``compiled.memory_analysis()`` (target <= 0.6), and item 5: useful FLOP/s of the jpeft step divided by
+the FLOP/s of a large ``jnp.dot`` measured in the same run (target >= 0.6). The FLOP formula is
+:func:`benchmarks.common.train_flops` (LoRA: 4NT + 3 x attention + 6 x adapter params x T); XLA's own
+``cost_analysis()`` count is printed beside it.
+
+Usage::
+
+    python benchmarks/bench_train_step.py --quick            # 10M shapes, ~2 min
+    python benchmarks/bench_train_step.py                    # 10M/40M/120M GPT-2 and Llama, ~10 min idle
+    python benchmarks/bench_train_step.py --threads 1 --proto fast
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402  (sets thread affinity before jax starts)
+
+
+def main() -> None:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=None, choices=sorted(common.SHAPES))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--proto", default=None, help="also time this prototype (e.g. fast, fast-bf16)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch side")
+    args = parser.parse_args()
+    threads = common.setup(args.threads, args.xla_flags)
+    import jax
+
+    from benchmarks import steps
+
+    common.setup_torch()
+    print(common.describe_machine())
+    if args.shapes:
+        shapes = args.shapes
+    elif args.quick:
+        shapes = ["gpt2-10m", "llama-10m"]
+    else:
+        shapes = [f"{a}-{s}" for s in ("10m", "40m", "120m") for a in ("gpt2", "llama")]
+    n = args.steps or (5 if args.quick else 7)
+    peak = common.matmul_peak_flops(2048)
+    print(f"large jnp.dot (2048^3 f32): {peak / 1e9:.1f} GFLOP/s")
+
+    ratio_rows, detail_rows, mfu_rows = [], [], []
+    for name in shapes:
+        shape = common.SHAPES[name]
+        batch = common.token_batch(shape, args.batch, args.seq)
+        targets = common.DEFAULT_TARGETS[shape.arch]
+        runners = {"jpeft": steps.jpeft_lora(common.flax_model(shape), batch, r=args.r, targets=targets)}
+        if not args.no_torch:
+            runners["torch"] = steps.torch_peft_lora(shape, batch, r=args.r, targets=targets)
+        runners["full"] = steps.jax_full_ft(common.flax_model(shape), batch)
+        if args.proto:
+            from benchmarks.prototypes import fast_step
+
+            runners["proto"] = fast_step.build(shape, batch, r=args.r, targets=targets, variant=args.proto)
+        times = common.time_interleaved({k: r.run for k, r in runners.items()}, n=n, warmup=args.warmup)
+        med = {k: common.median(v) for k, v in times.items()}
+        mem = {k: common.jax_memory(r.compiled) for k, r in runners.items() if r.compiled is not None}
+        torch_mem = common.torch_peak_bytes(runners["torch"].run) if "torch" in runners else -1
+        lora_params = common.lora_adapter_params(shape, args.r, targets)
+        flops = common.train_flops(shape, args.batch, args.seq, mode="lora", lora_params=lora_params)
+        full_flops = common.train_flops(shape, args.batch, args.seq, mode="full")
+        ratio_rows.append(
+            (
+                name,
+                f"{shape.total_params() / 1e6:.0f}M",
+                f"{med['jpeft'] / med['torch']:.2f}" if "torch" in med else "n/a",
+                f"{med['jpeft'] / med['full']:.2f}",
+                f"{mem['jpeft']['peak'] / mem['full']['peak']:.2f}",
+                f"{flops / med['jpeft'] / peak:.2f}",
+                f"{med['proto'] / med['torch']:.2f}" if "proto" in med and "torch" in med else "n/a",
+                f"{med['proto'] / med['full']:.2f}" if "proto" in med else "n/a",
+            )
+        )
+        for k, r in runners.items():
+            detail_rows.append(
+                (
+                    name,
+                    k,
+                    f"{med[k] * 1e3:.0f}",
+                    f"{common.spread(times[k]):.0%}",
+                    f"{r.compile_s:.1f}" if r.compiled is not None else "n/a",
+                    common.fmt_bytes(mem[k]["peak"]) if k in mem else common.fmt_bytes(torch_mem) + " (RSS)",
+                )
+            )
+        mfu_rows.append(
+            (
+                name,
+                f"{flops / 1e9:.1f}",
+                f"{common.jax_flops(runners['jpeft'].compiled) / 1e9:.1f}",
+                f"{full_flops / 1e9:.1f}",
+                f"{common.jax_flops(runners['full'].compiled) / 1e9:.1f}",
+                f"{flops / med['jpeft'] / 1e9:.1f}",
+                f"{full_flops / med['full'] / 1e9:.1f}",
+            )
+        )
+        del runners
+        jax.clear_caches()
+
+    setting = f"threads={threads}, batch={args.batch}, seq={args.seq}, r={args.r}, median of {n} after {args.warmup}"
+    common.print_table(
+        f"ratios ({setting})",
+        [
+            "shape",
+            "params",
+            "jpeft/torch (<=0.8)",
+            "jpeft/full time (<=0.75)",
+            "jpeft/full mem (<=0.6)",
+            "MFU vs jnp.dot (>=0.6)",
+            "proto/torch",
+            "proto/full",
+        ],
+        ratio_rows,
+    )
+    common.print_table(
+        "step times",
+        ["shape", "variant", "median ms", "noise (IQR/2)", "compile s", "peak memory"],
+        detail_rows,
+    )
+    common.print_table(
+        f"FLOPs per step (formula vs XLA cost_analysis) and achieved GFLOP/s (jnp.dot: {peak / 1e9:.1f})",
+        [
+            "shape",
+            "LoRA formula GF",
+            "LoRA XLA GF",
+            "full formula GF",
+            "full XLA GF",
+            "jpeft GF/s",
+            "full GF/s",
+        ],
+        mfu_rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
