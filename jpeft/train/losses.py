@@ -36,11 +36,14 @@ def causal_lm_loss(
       labels: ``(batch, length)`` token ids (usually the input ids), ``ignore_index`` to skip.
       attention_mask: ``(batch, length)``; 0 marks padding, whose targets do not count.
     """
-    targets = labels[:, 1:]
-    valid = targets != ignore_index
+    # Shift the (small) labels left instead of slicing the (vocab-wide) logits: the slice
+    # would copy the whole logits tensor forward and pad it back in the backward pass.
+    length = labels.shape[1]
+    targets = jnp.roll(labels, -1, axis=1)
+    valid = (jnp.arange(length) < length - 1)[None, :] & (targets != ignore_index)
     if attention_mask is not None:
-        valid = valid & (attention_mask[:, 1:] > 0)
-    return _token_ce(logits[:, :-1], targets, valid)
+        valid = valid & (jnp.roll(attention_mask, -1, axis=1) > 0)
+    return _token_ce(logits, targets, valid)
 
 
 def seq2seq_lm_loss(
