@@ -32,8 +32,19 @@ CONFIGS = {
 }
 
 
+# Prompt-learning methods change the inputs, not the layers: no merge; their reduced contract is below.
+PROMPT_CONFIGS = {
+    jpeft.PeftType.PROMPT_TUNING: lambda: jpeft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3
+    ),
+    jpeft.PeftType.P_TUNING: lambda: jpeft.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16
+    ),
+}
+
+
 def test_every_registered_method_is_in_the_table():
-    assert set(registry.registered_types()) == set(CONFIGS)
+    assert set(registry.registered_types()) == set(CONFIGS) | set(PROMPT_CONFIGS)
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +116,38 @@ def test_method_contract(pair, peft_type, tmp_path):
     # torch PEFT loads the folder and agrees
     torch_model = parity.torch_peft_load(pair, tmp_path / "adapter")
     assert np.abs(parity.torch_logits(torch_model, inputs) - eager).max() <= parity.ATOL
+
+
+@pytest.mark.parametrize("peft_type", list(PROMPT_CONFIGS), ids=lambda t: t.value)
+def test_prompt_method_contract(pair, peft_type, tmp_path):
+    model = jpeft.get_peft_model(pair.flax_model, PROMPT_CONFIGS[peft_type](), key=jax.random.key(3))
+    parity.perturb_jpeft_adapter(model, scale=0.2)
+    inputs = pair.inputs()
+    eager = parity.jax_logits(model, inputs)
+    base = np.asarray(pair.flax_model(**inputs).logits)
+    nvt = model.peft_config["default"].num_virtual_tokens
+    assert eager.shape[1] in (base.shape[1], base.shape[1] + nvt)
+    assert np.abs(eager[:, -base.shape[1] :] - base).max() > 1e-3, "the adapter must change the output"
+
+    jitted = jax.jit(functools.partial(model.apply, train=False))
+    np.testing.assert_allclose(np.asarray(jitted(model.params, **inputs).logits), eager, atol=1e-6)
+    with pytest.raises(ValueError):
+        model.merge_and_unload()
+
+    trainable, frozen = model.split_params()
+
+    def loss(trainable):
+        return jnp.mean(model.apply(trainable, frozen=frozen, **inputs).logits ** 2)
+
+    grads = jax.grad(loss)(trainable)
+    assert all(leaf is None for leaf in jax.tree.leaves(grads["base"], is_leaf=lambda x: x is None))
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["adapters"]))
+
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = jpeft.PeftModel.from_pretrained(pair.flax_model, tmp_path / "adapter")
+    assert isinstance(loaded, jpeft.PromptLearningPeftModel)
+    parity.assert_close(parity.jax_logits(loaded, inputs), eager, "jpeft reload", atol=1e-6)
+    with pytest.raises(ValueError, match="Cannot set a prompt learning adapter to trainable"):
+        jpeft.PeftModel.from_pretrained(pair.flax_model, tmp_path / "adapter", is_trainable=True)
+    torch_model = parity.torch_peft_load(pair, tmp_path / "adapter")
+    parity.assert_close(parity.torch_logits(torch_model, inputs), eager, "torch PEFT load")
