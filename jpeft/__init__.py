@@ -17,9 +17,13 @@ from jpeft.core.tree import combine, split
 from jpeft.errors import CheckpointError, ConfigError, JpeftError, NoMatchingModuleError
 from jpeft.mapping import get_peft_model
 from jpeft.peft_model import PeftMixedModel, PeftModel, named_modules
+from jpeft.prompt_learning import PromptLearningPeftModel
+from jpeft.quant import QuantizationConfig, quantize_model
 from jpeft.tuners.adalora import AdaLoraConfig
 from jpeft.tuners.ia3 import IA3Config
-from jpeft.tuners.lora import LoraConfig
+from jpeft.tuners.lora import LoftQConfig, LoraConfig
+from jpeft.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType, PTuningConfig
+from jpeft.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from jpeft.tuners.vera import VeraConfig
 
 __version__ = "0.1.0"
@@ -31,6 +35,7 @@ __all__ = [
     "IA3Config",
     "JpeftError",
     "LinenBinding",
+    "LoftQConfig",
     "LoraConfig",
     "ModuleInfo",
     "NoMatchingModuleError",
@@ -38,11 +43,19 @@ __all__ = [
     "PeftMixedModel",
     "PeftModel",
     "PeftType",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningPeftModel",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "PTuningConfig",
+    "QuantizationConfig",
     "TaskType",
     "VeraConfig",
     "combine",
     "config_from_dict",
     "get_peft_model",
     "named_modules",
+    "quantize_model",
     "split",
 ]

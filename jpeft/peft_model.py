@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta as flax_meta
 
 from jpeft.config import PEFT_FORMAT_VERSION, PeftConfig, TaskType
 from jpeft.core import registry
@@ -28,6 +29,8 @@ from jpeft.core.modules import ModuleInfo
 from jpeft.core.tree import PyTree, combine, count_params, get_path, set_path, split
 from jpeft.errors import CheckpointError
 from jpeft.interop import checkpoint, hub
+from jpeft.quant.formats import is_quantized
+from jpeft.quant.params import dequantize_params
 from jpeft.tuners.base import PEFT_PREFIX, KeyEntry
 
 _PIPELINE_TAGS = {
@@ -111,6 +114,12 @@ class PeftModel:
         *,
         key: jax.Array | None = None,
     ):
+        model_class = registry.model_class_for(peft_config.peft_type, PeftModel)
+        if not isinstance(self, model_class):
+            raise TypeError(
+                f"{peft_config.peft_type.value} adapters need a {model_class.__name__}; build the model with "
+                "`jpeft.get_peft_model(model, config)` or `jpeft.PeftModel.from_pretrained(model, folder)`."
+            )
         self._binding = bind(model)
         self.base_params: PyTree = self._binding.params
         self.adapters: dict[str, PyTree] = {}
@@ -520,7 +529,7 @@ class PeftModel:
                         layer,
                         plans[n].config,
                         adapters[n],
-                        get_path(effective, layer.info.path),
+                        flax_meta.unbox(get_path(effective, layer.info.path)),
                         x,
                         out,
                         train=False,
@@ -573,7 +582,7 @@ class PeftModel:
                     layer,
                     plans[name].config,
                     adapters[name],
-                    get_path(effective, layer.info.path),
+                    flax_meta.unbox(get_path(effective, layer.info.path)),
                     x,
                     out,
                     train=train,
@@ -634,11 +643,22 @@ class PeftModel:
     # ------------------------------------------------------------------ merge
 
     def get_merged_params(
-        self, params: Mapping[str, Any] | None = None, adapter_names: Sequence[str] | None = None
+        self,
+        params: Mapping[str, Any] | None = None,
+        adapter_names: Sequence[str] | None = None,
+        *,
+        dequantize: bool = False,
     ) -> PyTree:
-        """Base params with the (active) adapters folded in: a pure function of ``params``."""
+        """Base params with the (active) adapters folded in: a pure function of ``params``.
+
+        On a quantized base (:func:`jpeft.quantize_model`), each adapted kernel is
+        dequantized, merged and quantized again with its own settings, as PEFT's
+        bitsandbytes layers merge; the re-quantization rounds the merged weights. With
+        ``dequantize=True`` every quantized kernel is decoded first and the result is a
+        full-precision tree (no rounding beyond the original quantization).
+        """
         params = self.params if params is None else params
-        merged = params["base"]
+        merged = dequantize_params(params["base"]) if dequantize else params["base"]
         names = list(adapter_names) if adapter_names is not None else self._active
         if self._merged:
             raise ValueError(
@@ -646,8 +666,27 @@ class PeftModel:
             )
         self._warn_if_tied_embedding(names)
         for name in names:
-            merged = self._method(name).merge(merged, params["adapters"][name], self._plans[name])
+            merged, _ = self._merge_one(merged, name, params["adapters"][name])
         return merged
+
+    def _merge_one(self, base: PyTree, name: str, adapter: PyTree) -> tuple[PyTree, Any]:
+        """``(base with adapter ``name`` merged, merge record)``; quantized kernels are decoded and re-encoded."""
+        method, plan = self._method(name), self._plans[name]
+        quantized = _quantized_weights(base, plan)
+        if quantized:
+            warnings.warn(
+                f"merging adapter {name!r} into {len(quantized)} quantized kernels: each is dequantized, merged "
+                "and quantized again (as PEFT's bitsandbytes layers do), which rounds the merged weights; use "
+                "`merge_and_unload(dequantize=True)` for a full-precision merged model.",
+                stacklevel=3,
+            )
+            for path, q in quantized.items():
+                base = set_path(base, path, q.dequantize(q.dtype))
+        record = method.merge_record(base, adapter, plan)
+        base = method.merge(base, adapter, plan)
+        for path, q in quantized.items():
+            base = set_path(base, path, q.replace_boxed(get_path(base, path)))
+        return base, record
 
     def _warn_if_tied_embedding(self, names: Sequence[str]) -> None:
         tied = getattr(self._binding, "tied_embedding_names", frozenset())
@@ -695,26 +734,55 @@ class PeftModel:
         ]
         self._warn_if_tied_embedding(names)
         for name in names:
-            method, adapter, plan = self._method(name), self.adapters[name], self._plans[name]
-            record = method.merge_record(self.base_params, adapter, plan)
-            self.base_params = method.merge(self.base_params, adapter, plan)
-            self._merged[name] = record
+            self.base_params, self._merged[name] = self._merge_one(
+                self.base_params, name, self.adapters[name]
+            )
 
     def unmerge_adapter(self) -> None:
         """Takes every merged adapter back out of the base weights (in reverse merge order)."""
         for name in reversed(list(self._merged)):
             record = self._merged.pop(name)
-            self.base_params = self._method(name).unmerge(
-                self.base_params, self.adapters[name], self._plans[name], record
-            )
+            base = self.base_params
+            quantized = _quantized_weights(base, self._plans[name])
+            for path, q in quantized.items():  # lossy, as PEFT's bitsandbytes unmerge
+                base = set_path(base, path, q.dequantize(q.dtype))
+            base = self._method(name).unmerge(base, self.adapters[name], self._plans[name], record)
+            for path, q in quantized.items():
+                base = set_path(base, path, q.replace_boxed(get_path(base, path)))
+            self.base_params = base
 
     @property
     def merged_adapters(self) -> list[str]:
         return list(self._merged)
 
-    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> Any:
-        """The base model with the adapters merged into its weights (a plain Flax model)."""
-        return self._binding.with_params(self.get_merged_params(adapter_names=adapter_names))
+    def merge_and_unload(
+        self, adapter_names: Sequence[str] | None = None, *, dequantize: bool = False
+    ) -> Any:
+        """The base model with the adapters merged into its weights (a plain Flax model).
+
+        On a quantized base the merged kernels are quantized again (rounding them, as PEFT
+        does with bitsandbytes); ``dequantize=True`` returns a full-precision model instead.
+        """
+        return self._binding.with_params(
+            self.get_merged_params(adapter_names=adapter_names, dequantize=dequantize)
+        )
+
+    def save_base_model(self, save_directory: str | os.PathLike) -> None:
+        """Writes the base model as a transformers *torch* checkpoint (``config.json`` + ``model.safetensors``).
+
+        The weights are this model's base params: LoftQ's quantized ``Q``, PiSSA/OLoRA residuals,
+        quantized kernels decoded to their original dtype. With the adapter folder from
+        :meth:`save_pretrained`, a torch user reproduces jpeft's outputs:
+        ``peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)``.
+        Requires a transformers Flax model; the folder is replaced atomically.
+        """
+        from jpeft.interop.torch_export import save_torch_checkpoint
+
+        if not hasattr(self._binding, "torch_class_name"):
+            raise TypeError(
+                f"{self._binding.class_name} is not a transformers model; it has no torch checkpoint."
+            )
+        save_torch_checkpoint(self._binding.model, save_directory, params=dequantize_params(self.base_params))
 
     def unload(self) -> Any:
         """The base model without adapters (PiSSA/OLoRA bases keep their residual weights, as in PEFT)."""
@@ -754,6 +822,10 @@ class PeftModel:
     def _config_for_save(self, adapter_name: str) -> PeftConfig:
         config = self.peft_config[adapter_name]
         changes: dict[str, Any] = {"inference_mode": True}
+        if getattr(config, "init_lora_weights", None) == "loftq":
+            # PEFT's LoftQ workflow: the saved adapter must not re-run LoftQ when loaded; its base is the
+            # LoftQ-replaced one (`save_base_model`).
+            changes.update(init_lora_weights=True, loftq_config={})
         if config.task_type is None and getattr(self._binding, "torch_class_name", None):
             changes["auto_mapping"] = {
                 "base_model_class": self._binding.torch_class_name,
@@ -876,9 +948,14 @@ class PeftModel:
         )
         if cls is PeftModel:
             cls = registry.model_class_for(config.peft_type, PeftModel)
+        cls._check_loadable(config, is_trainable)
         peft_model = cls(model, config, adapter_name, key=key)
         peft_model._load_weights(adapter_name, tensors, str(folder), ignore_mismatched_sizes)
         return peft_model
+
+    @classmethod
+    def _check_loadable(cls, config: PeftConfig, is_trainable: bool) -> None:
+        """Refuses, before any work, an adapter this class cannot load as asked."""
 
     def load_adapter(
         self,
@@ -961,6 +1038,19 @@ class PeftModel:
             )
         self.adapters[adapter_name] = trees["adapter"]
         self.base_params = trees["base"]
+
+
+def _quantized_weights(base: PyTree, plan: Any) -> dict[Any, Any]:
+    """``{weight path: QuantizedArray}`` for the quantized kernels of the layers ``plan`` adapts."""
+    out = {}
+    for layer in getattr(plan, "layers", {}).values():
+        info = getattr(layer, "info", None)
+        if info is None or info.weight_name is None:
+            continue
+        leaf = get_path(base, info.weight_path)
+        if is_quantized(leaf):
+            out[info.weight_path] = leaf
+    return out
 
 
 # PEFT's PeftMixedModel takes LoRA-family methods; jpeft also mixes IA3 and VeRA (see PeftMixedModel).

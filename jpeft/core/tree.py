@@ -116,7 +116,8 @@ def combine(*trees: PyTree) -> PyTree:
 def count_params(tree: PyTree, where: Callable[[Any], bool] | None = None) -> int:
     """Number of scalar parameters in ``tree`` (optionally only leaves where ``where`` holds)."""
     total = 0
-    for leaf in jax.tree.leaves(tree):
+    # a quantized kernel counts its original elements, as PEFT counts bitsandbytes' 4-bit params
+    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "dequantize")):
         if where is None or where(leaf):
             total += int(getattr(leaf, "size", 1))
     return total

@@ -10,6 +10,7 @@ from jpeft.quant.formats import (
     quantize,
 )
 from jpeft.quant.loftq import loftq_init, low_rank
+from jpeft.quant.model import quantize_model
 from jpeft.quant.params import (
     DEFAULT_SKIP_MODULES,
     QuantizationConfig,
@@ -34,6 +35,7 @@ __all__ = [
     "loftq_init",
     "low_rank",
     "quantize",
+    "quantize_model",
     "quantize_params",
     "quantized_leaves",
     "quantized_nbytes",

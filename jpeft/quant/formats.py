@@ -58,6 +58,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta as flax_meta
 
 from jpeft.errors import ConfigError
 
@@ -378,8 +379,12 @@ _INV_127 = np.float32(7.874015718698502e-3)
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizedArray:
+class QuantizedArray(flax_meta.AxisMetadata):
     """A weight stored in 4 or 8 bits (a JAX pytree: arrays are children, the rest is static).
+
+    It is also a Flax ``AxisMetadata`` box: a Flax module that reads it with ``self.param``
+    gets the dequantized array (in :attr:`compute_dtype`), so a quantized kernel is decoded
+    inside the module that uses it, one layer at a time, in the jitted forward.
 
     Attributes:
       packed: ``uint8[ceil(n / 2)]`` two 4-bit codes per byte (nf4/fp4), or ``int8`` codes
@@ -438,6 +443,30 @@ class QuantizedArray:
         """
         dtype = self.compute_dtype if dtype is None else np.dtype(dtype)
         return _dequantize(self, dtype)
+
+    # Flax AxisMetadata: what a module sees when it reads this parameter.
+    def unbox(self) -> jax.Array:
+        return self.dequantize()
+
+    def replace_boxed(self, val: Any) -> QuantizedArray:
+        """``val`` quantized with this array's settings."""
+        return quantize(
+            val,
+            self.quant_type,
+            self.blocksize,
+            self.double_quant,
+            self.compute_dtype,
+            transpose=self.transposed,
+        )
+
+    def add_axis(self, index: int, params: dict[str, Any]) -> QuantizedArray:
+        raise NotImplementedError(
+            "quantized kernels inside flax.linen.scan / vmap-ed modules are not supported; quantize the "
+            "model's unscanned parameters instead."
+        )
+
+    def remove_axis(self, index: int, params: dict[str, Any]) -> QuantizedArray:
+        return self.add_axis(index, params)
 
     def block_absmax(self) -> jax.Array:
         """The float32 per-block absmax, decoded from its 8-bit form under ``double_quant``."""

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jpeft.quant.formats import is_quantized
+
 PyTree = Any
 
 
@@ -68,11 +70,13 @@ class Policy:
         dtype = jnp.dtype(self.compute_dtype)
 
         def cast_leaf(x: Any) -> Any:
+            if is_quantized(x):  # stays quantized; decodes to the compute dtype
+                return dataclasses.replace(x, compute_dtype=dtype) if x.compute_dtype != dtype else x
             if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
                 return x.astype(dtype)
             return x
 
-        return jax.tree.map(cast_leaf, tree)
+        return jax.tree.map(cast_leaf, tree, is_leaf=is_quantized)
 
     def initial_loss_scale(self) -> LossScale | None:
         if not self.scales_loss:

@@ -39,9 +39,11 @@ from jpeft.core.modules import ModuleInfo
 from jpeft.core.targets import get_pattern_key
 from jpeft.core.tree import PyTree, count_params, get_path, set_path
 from jpeft.errors import ConfigError
+from jpeft.quant.formats import is_quantized
+from jpeft.quant.loftq import loftq_init
 from jpeft.tuners import base
 
-_INITS = ("gaussian", "pissa", "olora")
+_INITS = ("gaussian", "pissa", "olora", "loftq")
 # PEFT's save_embedding_layers="auto" saves the base weights of these when targeted.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
@@ -80,7 +82,6 @@ class LoraConfig(PeftConfig):
     unsupported_fields: ClassVar[dict[str, Any]] = {
         "megatron_config": None,
         "trainable_token_indices": None,
-        "loftq_config": {},
         "eva_config": None,
         "corda_config": None,
         "lora_ga_config": None,
@@ -113,7 +114,7 @@ class LoraConfig(PeftConfig):
     megatron_config: dict | None = None
     megatron_core: str | None = "megatron.core"
     trainable_token_indices: Any = None
-    loftq_config: dict = dataclasses.field(default_factory=dict)
+    loftq_config: dict | LoftQConfig = dataclasses.field(default_factory=dict)
     eva_config: Any = None
     corda_config: Any = None
     lora_ga_config: Any = None
@@ -169,6 +170,24 @@ class LoraConfig(PeftConfig):
             raise ConfigError(
                 "`use_dora=True` cannot be combined with `lora_bias=True` (as in PEFT); pick one."
             )
+        loftq = self.loftq_config
+        if isinstance(loftq, LoftQConfig):
+            loftq = loftq.to_dict()
+        loftq = dict(loftq or {})
+        if loftq and self.init_lora_weights != "loftq":
+            warnings.warn(
+                "`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.",
+                stacklevel=3,
+            )
+            loftq = {}
+        if self.init_lora_weights == "loftq":
+            if not loftq:
+                raise ConfigError(
+                    "`loftq_config` must be specified when `init_lora_weights` is 'loftq', e.g. "
+                    "loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1)."
+                )
+            LoftQConfig(**loftq)  # validates
+        object.__setattr__(self, "loftq_config", loftq)
         init = self.init_lora_weights
         if not (
             isinstance(init, bool)
@@ -177,7 +196,7 @@ class LoraConfig(PeftConfig):
         ):
             raise ConfigError(
                 f"`init_lora_weights={init!r}` is not supported by jpeft. Use True, False, 'gaussian', 'pissa', "
-                "'pissa_niter_K' or 'olora' (LoftQ, EVA, CorDA, LoRA-GA and orthogonal inits are not implemented)."
+                "'pissa_niter_K', 'olora' or 'loftq' (EVA, CorDA, LoRA-GA and orthogonal inits are not implemented)."
             )
         for pattern_field in ("rank_pattern", "alpha_pattern"):
             for key in getattr(self, pattern_field):
@@ -185,6 +204,33 @@ class LoraConfig(PeftConfig):
                     re.compile(key)
                 except re.error as err:
                     raise ConfigError(f"`{pattern_field}` key {key!r} is not a valid regex: {err}.") from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoftQConfig:
+    """PEFT's ``LoftQConfig``: pass it as ``LoraConfig(init_lora_weights="loftq", loftq_config=...)``.
+
+    LoftQ alternates quantizing the weight and a rank-``r`` SVD of what quantization lost;
+    the base weight becomes the dequantized ``Q`` and ``B A`` the low-rank correction, so
+    ``W ~ Q + B A`` (exactly PEFT's algorithm; the LoRA scaling is not compensated, so use
+    ``lora_alpha == r`` as PEFT's example does).
+
+    Attributes:
+      loftq_bits: 4 (NF4, bitsandbytes' blocks of 64) or 8 (int8 rows).
+      loftq_iter: alternating steps.
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+    def __post_init__(self) -> None:
+        if self.loftq_bits not in (4, 8):
+            raise ConfigError(f"`loftq_bits` must be 4 or 8 (as PEFT), got {self.loftq_bits!r}.")
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ConfigError(f"`loftq_iter` must be an int >= 1, got {self.loftq_iter!r}.")
+
+    def to_dict(self) -> dict[str, int]:
+        return {"loftq_bits": self.loftq_bits, "loftq_iter": self.loftq_iter}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +393,12 @@ def _init_linear(layer: LayerPlan, config: LoraConfig, kernel: jax.Array, key: j
         residual = weight - s * lora_b_t @ lora_a_t
         new_kernel = (residual if info.kernel_transposed else residual.T).astype(kernel.dtype)
         return lora_a_t.T, lora_b_t.T, new_kernel
+    if init == "loftq":
+        loftq = LoftQConfig(**config.loftq_config)
+        weight = _torch_weight(kernel, info).astype(jnp.float32)  # (out, in), as PEFT quantizes it
+        q, lora_a_t, lora_b_t = loftq_init(weight, bits=loftq.loftq_bits, iters=loftq.loftq_iter, rank=r)
+        new_kernel = (q if info.kernel_transposed else q.T).astype(kernel.dtype)
+        return lora_a_t.T, lora_b_t.T, new_kernel
     if init == "olora":
         weight = _torch_weight(kernel, info).astype(jnp.float32)
         q, rr = jnp.linalg.qr(weight)
@@ -399,17 +451,34 @@ def init_params(plan: LoraPlan, base_params: PyTree, key: jax.Array) -> tuple[di
         info = layer.info
         layer_key = jax.random.fold_in(key, layer.index)
         kernel = get_path(base_params, info.weight_path)
+        stored = kernel  # a QuantizedArray on a quantized base: inits read the decoded weight
+        if is_quantized(kernel):
+            if config.init_lora_weights == "loftq":
+                raise ConfigError(
+                    f"init_lora_weights='loftq' on {name}, whose kernel is already quantized: LoftQ quantizes "
+                    "the base itself. Apply it to the full-precision model (then `jpeft.quantize_model` "
+                    "reproduces LoftQ's Q exactly)."
+                )
+            kernel = kernel.dequantize(kernel.dtype)
         if info.kind == "embedding":
+            if config.init_lora_weights == "loftq":
+                raise ConfigError(
+                    f"init_lora_weights='loftq' targets embedding {name}; LoftQ applies to linear layers (PEFT's "
+                    "embedding LoftQ path fails). Leave embeddings out of `target_modules`."
+                )
             lora_a, lora_b = _init_embedding(layer, config, layer_key)
             entry = {"lora_A": lora_a, "lora_B": lora_b}
         else:
             lora_a, lora_b, new_kernel = _init_linear(layer, config, kernel, layer_key)
             entry = {"lora_A": lora_a, "lora_B": lora_b}
             if new_kernel is not None:
+                kernel = new_kernel
+                if is_quantized(stored):  # PiSSA/OLoRA residual, quantized again
+                    new_kernel = stored.replace_boxed(new_kernel)
+                    kernel = new_kernel.dequantize(stored.dtype)
                 new_base = set_path(
                     new_base if new_base is not None else base_params, info.weight_path, new_kernel
                 )
-                kernel = new_kernel
             if config.lora_bias:
                 bias = (
                     _uniform(jax.random.fold_in(layer_key, 7), (info.out_features,), 1.0 / math.sqrt(layer.r))
