@@ -17,6 +17,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from jpeft.core.modules import ModuleInfo, module_name
 from jpeft.core.tree import Path, PyTree, iter_leaves, to_plain_dict
@@ -115,7 +116,14 @@ _inside_remat = threading.local()
 def _remat_call(module: nn.Module, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Calls ``module`` under Flax's lifted ``checkpoint``: its activations are recomputed in the backward pass."""
 
-    def run(mdl: nn.Module, *inner_args: Any) -> Any:
+    # Only arrays go through the lifted transform; Python values (BERT's and BART's positional
+    # `deterministic` flags, None masks) stay static, or checkpoint would trace them.
+    traced = [i for i, a in enumerate(args) if isinstance(a, (jax.Array, np.ndarray))]
+
+    def run(mdl: nn.Module, *arrays: Any) -> Any:
+        inner_args = list(args)
+        for i, value in zip(traced, arrays, strict=True):
+            inner_args[i] = value
         previous = getattr(_inside_remat, "name", None)
         _inside_remat.name = name  # the re-entrant call of this block must not be wrapped again
         try:
@@ -123,7 +131,7 @@ def _remat_call(module: nn.Module, name: str, args: tuple[Any, ...], kwargs: dic
         finally:
             _inside_remat.name = previous
 
-    return nn.checkpoint(run)(module, *args)
+    return nn.checkpoint(run)(module, *(args[i] for i in traced))
 
 
 @contextlib.contextmanager
