@@ -23,6 +23,7 @@ from jpeft.tuners.adalora import AdaLoraConfig
 from jpeft.tuners.ia3 import IA3Config
 from jpeft.tuners.lora import LoftQConfig, LoraConfig
 from jpeft.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType, PTuningConfig
+from jpeft.tuners.prefix_tuning import PrefixTuningConfig
 from jpeft.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from jpeft.tuners.vera import VeraConfig
 
@@ -43,6 +44,7 @@ __all__ = [
     "PeftMixedModel",
     "PeftModel",
     "PeftType",
+    "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",
     "PromptLearningPeftModel",

@@ -37,6 +37,9 @@ PROMPT_CONFIGS = {
     jpeft.PeftType.PROMPT_TUNING: lambda: jpeft.PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=3
     ),
+    jpeft.PeftType.PREFIX_TUNING: lambda: jpeft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3
+    ),
     jpeft.PeftType.P_TUNING: lambda: jpeft.PromptEncoderConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16
     ),
