@@ -72,7 +72,8 @@ def main() -> None:
     out = np.asarray(mixed(params, ids, inputs))
     for k in (0, 1):
         alone = np.asarray(peft_model.apply(params, **inputs, active_adapters=[names[k]]).logits)[k]
-        assert np.abs(out[k] - alone).max() < 1e-4, "mixed batch differs from the adapter alone"
+        # relative: GPUs run f32 matmuls in TF32 by default
+        assert np.abs(out[k] - alone).max() < 1e-2 * np.abs(alone).max(), "mixed batch != the adapter alone"
 
     times = common.time_interleaved(
         {label: (lambda exe=exe, a=a: common.block(exe(*a))) for label, (exe, a) in compiled.items()},
