@@ -2,8 +2,8 @@
 
 Methods jpeft has today: LoRA (the reference), IA3, VeRA, AdaLoRA (the jitted step alone, and the step
 plus the rank allocator ``jpeft.tuners.adalora.update_and_allocate`` run beside it, as PEFT's loop
-does). Slots for methods being built now: prompt methods (``jpeft.PromptTuningConfig``) and QLoRA
-(``jpeft.quant``) print "not available" until their public API exists. All steps use
+does). QLoRA is the LoRA config on the base quantized to NF4 (double quant) by ``jpeft.quantize_model``;
+the prompt methods use 16 virtual tokens (their sequences are that much longer). All steps use
 ``jpeft.train.make_train_step(peft_model, optax.adamw(1e-4))``, timed interleaved.
 
 Usage::
@@ -43,7 +43,16 @@ def method_configs(shape: common.Shape, r: int, total_step: int) -> dict:
             total_step=total_step,
             target_modules=targets,
         ),
+        "QLoRA (NF4)": jpeft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets),
+        "prompt tuning": jpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16),
+        "P-tuning (MLP)": jpeft.PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=16, encoder_hidden_size=128
+        ),
+        "prefix tuning": jpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16),
     }
+
+
+NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
 
 
 def main() -> None:
@@ -73,9 +82,10 @@ def main() -> None:
         runners = {}
         for method, config in method_configs(shape, args.r, total_step=10_000).items():
             try:
-                runners[method] = steps.jpeft_lora(
-                    common.flax_model(shape), batch, config=config, name=method
-                )
+                model = common.flax_model(shape)
+                if method.startswith("QLoRA"):
+                    model = jpeft.quantize_model(model, jpeft.QuantizationConfig(**NF4))
+                runners[method] = steps.jpeft_lora(model, batch, config=config, name=method)
             except Exception as err:  # a method that cannot adapt this shape is reported, not fatal
                 print(f"{name} {method}: not run ({type(err).__name__}: {str(err)[:120]})")
         if "AdaLoRA" in runners:
@@ -94,26 +104,6 @@ def main() -> None:
                     f"{r.compile_s:.1f}",
                 )
             )
-        rows.append(
-            (
-                name,
-                "prompt tuning",
-                "",
-                "not available" if not hasattr(jpeft, "PromptTuningConfig") else "slot: add",
-                "",
-                "",
-            )
-        )
-        quant = "not available"
-        try:
-            import jpeft.quant  # noqa: F401
-
-            quant = (
-                "jpeft.quant present; QLoRA step slot not wired yet (needs its public get_peft_model path)"
-            )
-        except ImportError:
-            pass
-        rows.append((name, "QLoRA", "", quant, "", ""))
         jax.clear_caches()
     common.print_table(
         f"method step time vs LoRA (threads={threads}, batch={args.batch}, seq={args.seq}, median of {n})",

@@ -189,7 +189,6 @@ def test_unknown_keys_warn_and_are_dropped():
     [
         ("layer_replication", [[0, 2], [1, 3]]),
         ("use_qalora", True),
-        ("loftq_config", {"loftq_bits": 4, "loftq_iter": 1}),
         ("megatron_config", {"tensor_model_parallel_size": 2}),
         ("trainable_token_indices", [1, 2]),
         ("target_parameters", ["experts.gate_up_proj"]),
@@ -309,9 +308,13 @@ def test_unknown_peft_type_raises(value):
     assert "LORA" in str(info.value)
 
 
-def test_known_but_unimplemented_peft_type_raises():
-    with pytest.raises(jpeft.ConfigError, match="PREFIX_TUNING"):
-        jpeft.config_from_dict({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4})
+def test_unimplemented_peft_type_raises():
+    with pytest.raises(jpeft.ConfigError, match="LOHA"):
+        jpeft.config_from_dict({"peft_type": "LOHA", "r": 4})
+    config = jpeft.config_from_dict(
+        {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4, "task_type": "CAUSAL_LM"}
+    )
+    assert isinstance(config, jpeft.PrefixTuningConfig) and config.num_virtual_tokens == 4
 
 
 def test_peft_type_mismatch_in_from_dict():

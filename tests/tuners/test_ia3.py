@@ -288,7 +288,7 @@ def test_training_updates_only_ia3_vectors(tiny):
     state = trainer.init(jax.random.key(0))
     frozen_tree = trainer.frozen()
     frozen_before = jax.tree.map(np.array, frozen_tree)
-    start = dict(jax.tree_util.tree_leaves_with_path(state.trainable))
+    start = {p: np.array(x) for p, x in jax.tree_util.tree_leaves_with_path(state.trainable)}  # step donates
     losses = []
     for _ in range(4):
         state, metrics = trainer.step(state, frozen_tree, batch)
