@@ -40,11 +40,14 @@ import numpy as np
 
 from jpeft.config import PeftType
 from jpeft.core import registry
-from jpeft.core.tree import PyTree, count_params
+from jpeft.core.tree import PyTree
 from jpeft.errors import ConfigError
 from jpeft.prompt_learning import PromptLearningPeftModel
 from jpeft.tuners import base, prompt_base
-from jpeft.tuners.prompt_base import PromptLearningConfig, VirtualTokenPlan
+from jpeft.tuners.prompt_base import (
+    PromptLearningConfig,
+    VirtualTokenPlan,
+)
 
 _MLP_LAYERS = 2  # PEFT's default `encoder_num_layers`; the MLP always has this many hidden layers
 
@@ -298,64 +301,16 @@ def prompt_embeddings(
     return _mlp(encoder["mlp_head"], x)
 
 
-def apply_overrides(base_params: PyTree, adapter: Mapping[str, Any], plan: VirtualTokenPlan) -> PyTree:
-    """The base tree with this adapter's ``modules_to_save`` copies substituted in."""
-    return base.apply_overrides(base_params, adapter, plan.modules, ())
-
-
-def run(
-    plan: VirtualTokenPlan,
-    binding: Any,
-    base_params: PyTree,
-    adapter: Mapping[str, Any],
-    prompts: jax.Array,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    *,
-    train: bool,
-    dropout_rng: jax.Array | None,
-) -> Any:
-    """The model's forward with the encoder output in front (causal LM logits: ``nvt + seq`` positions)."""
-    del adapter
-    return prompt_base.run_virtual_tokens(
-        plan, binding, base_params, prompts, args, kwargs, train=train, dropout_rng=dropout_rng
-    )
-
-
-def generate(
-    plan: VirtualTokenPlan,
-    binding: Any,
-    base_params: PyTree,
-    adapter: Mapping[str, Any],
-    prompts: jax.Array,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-) -> Any:
-    """transformers' Flax ``generate`` with the encoder output in front; ``.sequences`` as torch PEFT's."""
-    del adapter
-    return prompt_base.generate_virtual_tokens(plan, binding, base_params, prompts, args, kwargs)
-
-
-def loss_batch(plan: VirtualTokenPlan, batch: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Causal LM: labels prefixed with ``-100`` and the mask with ones; other tasks unchanged."""
-    return prompt_base.virtual_token_loss_batch(plan, batch)
-
-
 # --------------------------------------------------------------------------- checkpoint
 
 
-def key_entries(
-    plan: VirtualTokenPlan, adapter: Mapping[str, Any], save_embedding_layers: bool | str = "auto"
-) -> list[base.KeyEntry]:
-    """The ``modules_to_save`` copies as ``base_model.<path>`` (the model class adds ``prompt_embeddings``)."""
-    del save_embedding_layers
-    return prompt_base.override_key_entries(plan, adapter)
-
-
-def counted_in_total(plan: VirtualTokenPlan, adapter: Mapping[str, Any]) -> int:
-    """Parameters PEFT adds to ``all params``: the whole encoder and the module copies."""
-    del plan
-    return count_params(adapter["prompt"]) + count_params(adapter["modules_to_save"])
+# Protocol functions shared with the other prompt-learning methods (see prompt_base).
+apply_overrides = prompt_base.apply_overrides
+run = prompt_base.run
+generate = prompt_base.generate
+loss_batch = prompt_base.loss_batch
+key_entries = prompt_base.key_entries
+counted_in_total = prompt_base.counted_in_total
 
 
 registry.register(

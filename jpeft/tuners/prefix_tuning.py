@@ -37,11 +37,14 @@ from jpeft.bindings import prefix as injection_lib
 from jpeft.config import TASK_HEAD_MODULES, PeftType
 from jpeft.core import registry
 from jpeft.core.modules import ModuleInfo
-from jpeft.core.tree import PyTree, count_params
+from jpeft.core.tree import PyTree
 from jpeft.errors import ConfigError
 from jpeft.prompt_learning import PromptLearningPeftModel
 from jpeft.tuners import base, prompt_base
-from jpeft.tuners.prompt_base import PromptLearningConfig, fill_from_model_config
+from jpeft.tuners.prompt_base import (
+    PromptLearningConfig,
+    fill_from_model_config,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -175,11 +178,6 @@ def prompt_embeddings(
     return hidden @ last["kernel"] + last["bias"]
 
 
-def apply_overrides(base_params: PyTree, adapter: Mapping[str, Any], plan: PrefixPlan) -> PyTree:
-    """The base tree with this adapter's ``modules_to_save`` copies substituted in."""
-    return base.apply_overrides(base_params, adapter, plan.modules, ())
-
-
 def run(
     plan: PrefixPlan,
     binding: Any,
@@ -229,18 +227,10 @@ def loss_batch(plan: PrefixPlan, batch: Mapping[str, Any]) -> Mapping[str, Any]:
     return batch
 
 
-def key_entries(
-    plan: PrefixPlan, adapter: Mapping[str, Any], save_embedding_layers: bool | str = "auto"
-) -> list:
-    """The ``modules_to_save`` copies, saved as ``base_model.<path>`` (the model class adds ``prompt_embeddings``)."""
-    del save_embedding_layers
-    return prompt_base.override_key_entries(plan, adapter)
-
-
-def counted_in_total(plan: PrefixPlan, adapter: Mapping[str, Any]) -> int:
-    """Parameters PEFT adds to ``all params``: the prefix encoder and the module copies."""
-    del plan
-    return count_params(adapter["prompt"]) + count_params(adapter["modules_to_save"])
+# Protocol functions shared with the other prompt-learning methods (see prompt_base).
+apply_overrides = prompt_base.apply_overrides
+key_entries = prompt_base.key_entries
+counted_in_total = prompt_base.counted_in_total
 
 
 registry.register(

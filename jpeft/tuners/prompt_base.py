@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from jpeft.config import TASK_HEAD_MODULES, PeftConfig, PeftType, TaskType
 from jpeft.core.modules import ModuleInfo
-from jpeft.core.tree import get_path
+from jpeft.core.tree import count_params, get_path
 from jpeft.errors import ConfigError
 from jpeft.tuners import base
 
@@ -452,3 +452,75 @@ def override_key_entries(plan: Any, adapter: Mapping[str, Any]) -> list[Any]:
     """Checkpoint entries of the ``modules_to_save`` copies, keyed ``base_model.<path>`` (PEFT's prompt layout)."""
     entries = base.override_entries(adapter, plan.modules, (), set())
     return [dataclasses.replace(entry, prefix=PROMPT_PREFIX) for entry in entries]
+
+
+# --------------------------------------------------------------------------- shared protocol functions
+# Prompt tuning and P-tuning differ only in their encoder; these protocol functions are theirs
+# (imported into each method module), and prefix tuning shares the checkpoint/override ones.
+
+
+def apply_overrides(base_params: Any, adapter: Mapping[str, Any], plan: Any) -> Any:
+    """The base tree with this adapter's ``modules_to_save`` copies substituted in."""
+    return base.apply_overrides(base_params, adapter, plan.modules, ())
+
+
+def run(
+    plan: VirtualTokenPlan,
+    binding: Any,
+    base_params: Any,
+    adapter: Mapping[str, Any],
+    prompts: Any,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    *,
+    train: bool,
+    dropout_rng: Any,
+) -> Any:
+    """The model's forward with the prompt rows in front (causal LM logits: ``nvt + seq`` positions).
+
+    Args:
+      plan: the method's plan.
+      binding: the model's binding.
+      base_params: effective base params (``modules_to_save`` copies substituted in).
+      adapter: the adapter tree (the prompts arrive in ``prompts``).
+      prompts: the method's ``prompt_embeddings`` output.
+      args, kwargs: the model's inputs (``input_ids`` required).
+      train: training mode; dropout_rng: key for the model's dropout.
+    """
+    del adapter
+    return run_virtual_tokens(
+        plan, binding, base_params, prompts, args, kwargs, train=train, dropout_rng=dropout_rng
+    )
+
+
+def generate(
+    plan: VirtualTokenPlan,
+    binding: Any,
+    base_params: Any,
+    adapter: Mapping[str, Any],
+    prompts: Any,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> Any:
+    """transformers' Flax ``generate`` with the prompt rows in front; ``.sequences`` as torch PEFT's."""
+    del adapter
+    return generate_virtual_tokens(plan, binding, base_params, prompts, args, kwargs)
+
+
+def loss_batch(plan: VirtualTokenPlan, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Causal LM: labels prefixed with ``-100`` and the mask with ones; other tasks unchanged."""
+    return virtual_token_loss_batch(plan, batch)
+
+
+def key_entries(
+    plan: Any, adapter: Mapping[str, Any], save_embedding_layers: bool | str = "auto"
+) -> list[Any]:
+    """The ``modules_to_save`` copies as ``base_model.<path>`` (the model class adds ``prompt_embeddings``)."""
+    del save_embedding_layers
+    return override_key_entries(plan, adapter)
+
+
+def counted_in_total(plan: Any, adapter: Mapping[str, Any]) -> int:
+    """Parameters PEFT adds to ``all params``: the whole prompt encoder and the module copies."""
+    del plan
+    return count_params(adapter["prompt"]) + count_params(adapter["modules_to_save"])
