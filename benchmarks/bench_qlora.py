@@ -26,6 +26,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--r", type=int, default=16)
+    parser.add_argument(
+        "--remat",
+        action="store_true",
+        help="gradient checkpointing (QLoRA's usual setting: kernels re-decoded)",
+    )
     args = parser.parse_args()
     common.setup(args.threads, args.xla_flags)
 
@@ -77,8 +82,9 @@ def main() -> None:
         ],
     )
 
-    lora = steps.jpeft_lora(model, batch, r=args.r, targets=targets, precision="bf16", name="LoRA bf16")
-    qlora = steps.jpeft_lora(qmodel, batch, r=args.r, targets=targets, precision="bf16", name="QLoRA NF4")
+    kw = dict(r=args.r, targets=targets, precision="bf16", remat=args.remat)
+    lora = steps.jpeft_lora(model, batch, name="LoRA bf16", **kw)
+    qlora = steps.jpeft_lora(qmodel, batch, name="QLoRA NF4", **kw)
     times = common.time_interleaved({r.name: r.run for r in (lora, qlora)}, n=n, warmup=args.warmup)
     base_t = common.median(times["LoRA bf16"])
     rows = []
@@ -97,7 +103,8 @@ def main() -> None:
             )
         )
     common.print_table(
-        f"Train step, {shape.name}, batch {batch_size} x {seq}, r={args.r} on all linear layers",
+        f"Train step, {shape.name}, batch {batch_size} x {seq}, r={args.r} on all linear layers"
+        + (", gradient checkpointing" if args.remat else ""),
         ["variant", "median step", "spread", "tokens/s", "time vs LoRA bf16", "peak memory", "compile"],
         rows,
     )
