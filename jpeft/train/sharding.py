@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jpeft.quant.formats import is_quantized
+
 PyTree = Any
 
 
@@ -52,14 +54,32 @@ def fsdp_spec(
 def param_specs(
     peft_model: Any, mesh: Mesh, *, fsdp_axis: str | None = "fsdp", min_size: int = 1024
 ) -> PyTree:
-    """Partition specs for ``peft_model.params``: FSDP base, adapters following their weights."""
-    base_specs = jax.tree.map(
-        lambda x: fsdp_spec(tuple(x.shape), mesh, fsdp_axis, min_size), peft_model.base_params
+    """Partition specs for ``peft_model.params``: FSDP base, adapters following their weights.
+
+    A quantized kernel's packed codes and scales are FSDP-split like any leaf (its adapters are
+    replicated); adapters of methods without a layer layout (prompt learning) are replicated.
+    """
+
+    def leaf_spec(x: Any) -> Any:
+        if is_quantized(x):
+            return jax.tree.map(lambda child: fsdp_spec(tuple(child.shape), mesh, fsdp_axis, min_size), x)
+        return fsdp_spec(tuple(x.shape), mesh, fsdp_axis, min_size)
+
+    base_specs = jax.tree.map(leaf_spec, peft_model.base_params, is_leaf=is_quantized)
+    # what adapters follow: a quantized kernel's logical layout is not split
+    logical = jax.tree.map(
+        lambda x: PartitionSpec() if is_quantized(x) else x,
+        base_specs,
+        is_leaf=lambda x: is_quantized(x) or isinstance(x, PartitionSpec),
     )
     adapters = {}
     for name, adapter in peft_model.adapters.items():
         method = peft_model._method(name)
-        adapters[name] = method.adapter_specs(peft_model._plans[name], adapter, base_specs)
+        specs = getattr(method, "adapter_specs", None)
+        if specs is None:
+            adapters[name] = jax.tree.map(lambda _: PartitionSpec(), adapter)
+        else:
+            adapters[name] = specs(peft_model._plans[name], adapter, logical)
     return {"base": base_specs, "adapters": adapters}
 
 

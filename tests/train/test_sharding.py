@@ -196,3 +196,37 @@ def test_sharded_training_matches_single_device(data, fsdp, tiny):
     frozen = trainer.frozen()
     for got, want in zip(jax.tree.leaves(frozen["base"]), jax.tree.leaves(params["base"]), strict=True):
         assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
+
+
+@pytest.mark.parametrize("kind", ["qlora", "prompt_tuning", "prefix_tuning"])
+def test_quantized_base_and_prompt_methods_shard_and_train(kind, tiny):
+    """A 4-bit base (packed codes FSDP-split) and prompt adapters (replicated) train on a mesh as on one device."""
+    pair = tiny("llama")
+
+    def build():
+        if kind == "qlora":
+            base = jpeft.quantize_model(
+                pair.flax_model, jpeft.QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+            )
+            config = jpeft.LoraConfig(r=4, target_modules=TARGETS["llama"], init_lora_weights=False)
+            return jpeft.get_peft_model(base, config)
+        cls = jpeft.PromptTuningConfig if kind == "prompt_tuning" else jpeft.PrefixTuningConfig
+        return jpeft.get_peft_model(pair.flax_model, cls(task_type="CAUSAL_LM", num_virtual_tokens=4))
+
+    batch = {k: jnp.asarray(v) for k, v in batch_for(pair).items()}
+    want, _, _ = train(build(), batch)
+
+    mesh = jpeft.train.make_mesh(data=2, fsdp=4)
+    peft_model = build()
+    peft_model.params = jpeft.train.shard_params(peft_model, mesh, min_size=MIN_SIZE)
+    if kind == "qlora":
+        packed = [
+            v.packed
+            for v in jax.tree.leaves(peft_model.base_params, is_leaf=jpeft.quant.is_quantized)
+            if jpeft.quant.is_quantized(v)
+        ]
+        assert packed and any("fsdp" in spec_of(p) for p in packed)
+    sharded = jax.device_put(batch, jpeft.train.batch_sharding(mesh))
+    got, _, _ = train(peft_model, sharded)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert got[-1] < got[0]
