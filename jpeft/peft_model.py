@@ -482,17 +482,28 @@ class PeftModel:
                     f"Cannot pass `adapter_names` when DoRA is enabled (adapter {name!r}), as in PEFT."
                 )
             adapter = params["adapters"][name]
-            overrides = [k for k in ("modules_to_save", "bias") if adapter.get(k)]
-            if overrides:
+            if adapter.get("bias"):
                 raise ValueError(
-                    f"adapter {name!r} trains whole modules or biases ({', '.join(overrides)}); jpeft's mixed "
-                    "batches support adapters that only add layer deltas. Run such adapters in separate "
-                    "batches (`active_adapters=[name]`)."
+                    f"adapter {name!r} trains biases (bias={config.bias!r}); mixed batches need adapters "
+                    "whose biases are the base model's. Run it in its own batch (`active_adapters=[name]`)."
                 )
+            for module in adapter.get("modules_to_save", {}):
+                if self._plans[name].modules[module].kind != "linear":
+                    raise ValueError(
+                        f"adapter {name!r} trains a copy of {module!r}, which is not a linear layer; mixed "
+                        "batches take modules_to_save copies of linear layers (classification heads). Run "
+                        "it in its own batch (`active_adapters=[name]`)."
+                    )
         adapters = params["adapters"]
         plans = self._plans
-        names: frozenset[str] = frozenset().union(*(plans[n].hooked for n in order))
+        # modules_to_save copies (e.g. a classifier per adapter): each example uses its adapter's copy
+        copies: dict[str, list[tuple[int, Any]]] = {}
+        for i, name in enumerate(order):
+            for module, subtree in adapters[name].get("modules_to_save", {}).items():
+                copies.setdefault(module, []).append((i, subtree))
+        names: frozenset[str] = frozenset().union(*(plans[n].hooked for n in order), copies)
         effective = params["base"]
+        modules = self._binding.modules
 
         def hook(module: str, x: jax.Array, out: jax.Array) -> jax.Array:
             if out.shape[0] != ids.shape[0] and out.shape[0] % ids.shape[0] == 0:
@@ -505,11 +516,19 @@ class PeftModel:
                 )
             else:
                 per_example = ids
+            result = out
+            for i, subtree in copies.get(module, ()):
+                info = modules[module]
+                kernel = flax_meta.unbox(subtree["kernel"]).astype(out.dtype)
+                own = jnp.matmul(x.astype(out.dtype), kernel.T if info.kernel_transposed else kernel)
+                if "bias" in subtree:
+                    own = own + subtree["bias"].astype(out.dtype)
+                chosen = (per_example == i).reshape((-1,) + (1,) * (out.ndim - 1))
+                result = jnp.where(chosen, own, result)
             users = [(i, n) for i, n in enumerate(order) if module in plans[n].layers]
             by_method: dict[Any, list[tuple[int, str]]] = {}
             for i, n in users:
                 by_method.setdefault(self._method(n), []).append((i, n))
-            result = out
             for method, group in by_method.items():
                 batched = getattr(method, "mixed_batch_forward", None)
                 if batched is not None:

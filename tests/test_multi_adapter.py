@@ -242,3 +242,37 @@ def test_mixed_batch_with_ia3_adapters(tiny):
         ).logits
         parity.assert_close(got[k], np.asarray(alone)[k], f"IA3 example {k}")
     assert jnp.abs(got[0] - got[1]).max() > 1e-3
+
+
+def test_mixed_batch_with_classifier_copies_matches_torch_peft(tiny, tmp_path):
+    """SEQ_CLS adapters each train their own classifier: every example uses its adapter's copy, as PEFT."""
+    import peft
+    import torch
+
+    pair = tiny("bert")
+    torch.manual_seed(0)
+    first = dict(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    second = dict(r=2, lora_alpha=4, target_modules=["key"], task_type="SEQ_CLS")
+    torch_model = peft.get_peft_model(pair.torch_model(), peft.LoraConfig(**first))
+    torch_model.add_adapter("other", peft.LoraConfig(**second))
+    for name, seed in (("default", 1), ("other", 3)):
+        torch_model.set_adapter(name)
+        parity.perturb_torch_trainable(torch_model, seed=seed)
+    torch_model.set_adapter("default")
+    torch_model.eval()
+    torch_model.save_pretrained(tmp_path)
+    inputs = pair.inputs(batch=3)
+    names = ["other", "__base__", "default"]
+    with torch.no_grad():
+        want = torch_model(**parity.torch_inputs(inputs), adapter_names=names).logits.numpy()
+
+    model = jpeft.PeftModel.from_pretrained(pair.flax_model, tmp_path)
+    model.load_adapter(tmp_path / "other", "other")
+    got = np.asarray(model(**inputs, adapter_names=names).logits)
+    parity.assert_close(got, want, "SEQ_CLS mixed batch vs torch PEFT")
+    for k, name in enumerate(names):
+        alone = model.apply(
+            model.params, **inputs, active_adapters=[] if name == "__base__" else [name]
+        ).logits
+        parity.assert_close(got[k], np.asarray(alone)[k], f"example {k} ({name}) vs alone")
+    assert parity.max_diff(got[0], got[2]) > 1e-3
