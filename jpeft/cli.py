@@ -337,6 +337,7 @@ def _after_training(args, peft_model, tokenizer, adapter_dir: Path, eval_rows) -
     ).sequences
     print(f"sample: {args.prompt!r} -> {tokenizer.decode(np.asarray(generated[0, prompt_ids.shape[1] :]))!r}")
     try:
+        _quiet_optional_backends()
         import peft
         import torch
     except ImportError:
@@ -395,6 +396,7 @@ def export(args: argparse.Namespace) -> int:
         torch_model = AutoModelForCausalLM.from_pretrained(args.out).eval()
         print(f"merged torch checkpoint written to {args.out}")
     else:
+        _quiet_optional_backends()
         import peft
 
         torch_model = peft.PeftModel.from_pretrained(torch_model_from_flax(model), args.out).eval()
@@ -499,6 +501,13 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--base", help="base model, to count trainable/total parameters")
     i.set_defaults(func=inspect)
     return top
+
+
+def _quiet_optional_backends() -> None:
+    """peft imports bitsandbytes when installed; its CPU build logs a harmless warning about optional kernels."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
