@@ -699,13 +699,13 @@ class PeftModel:
                 "`merge_and_unload(dequantize=True)` for a full-precision merged model.",
                 stacklevel=3,
             )
-            for path, q in quantized.items():
-                base = set_path(base, path, q.dequantize(q.dtype))
-        record = method.merge_record(base, adapter, plan)
-        base = method.merge(base, adapter, plan)
-        for path, q in quantized.items():
-            base = set_path(base, path, q.replace_boxed(get_path(base, path)))
-        return base, record
+        records = []
+
+        def merge(dense: PyTree) -> PyTree:
+            records.append(method.merge_record(dense, adapter, plan))
+            return method.merge(dense, adapter, plan)
+
+        return _on_decoded_kernels(base, plan, merge), records[0]
 
     def _warn_if_tied_embedding(self, names: Sequence[str]) -> None:
         tied = getattr(self._binding, "tied_embedding_names", frozenset())
@@ -761,14 +761,11 @@ class PeftModel:
         """Takes every merged adapter back out of the base weights (in reverse merge order)."""
         for name in reversed(list(self._merged)):
             record = self._merged.pop(name)
-            base = self.base_params
-            quantized = _quantized_weights(base, self._plans[name])
-            for path, q in quantized.items():  # lossy, as PEFT's bitsandbytes unmerge
-                base = set_path(base, path, q.dequantize(q.dtype))
-            base = self._method(name).unmerge(base, self.adapters[name], self._plans[name], record)
-            for path, q in quantized.items():
-                base = set_path(base, path, q.replace_boxed(get_path(base, path)))
-            self.base_params = base
+            method, plan = self._method(name), self._plans[name]
+            # lossy on a quantized base, as PEFT's bitsandbytes unmerge
+            self.base_params = _on_decoded_kernels(
+                self.base_params, plan, method.unmerge, self.adapters[name], plan, record
+            )
 
     @property
     def merged_adapters(self) -> list[str]:
@@ -1070,6 +1067,17 @@ def _quantized_weights(base: PyTree, plan: Any) -> dict[Any, Any]:
         if is_quantized(leaf):
             out[info.weight_path] = leaf
     return out
+
+
+def _on_decoded_kernels(base: PyTree, plan: Any, change: Any, *args: Any) -> PyTree:
+    """``change(base, *args)`` with the plan's quantized kernels decoded before and quantized again after."""
+    quantized = _quantized_weights(base, plan)
+    for path, q in quantized.items():
+        base = set_path(base, path, q.dequantize(q.dtype))
+    base = change(base, *args)
+    for path, q in quantized.items():
+        base = set_path(base, path, q.replace_boxed(get_path(base, path)))
+    return base
 
 
 # PEFT's PeftMixedModel takes LoRA-family methods; jpeft also mixes IA3 and VeRA (see PeftMixedModel).
