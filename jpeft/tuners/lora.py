@@ -580,19 +580,26 @@ def mixed_batch_forward(
     count = max(i for i, *_ in layers) + 2  # ids 0..max, then the zero entry for -1 / absent adapters
     rank = max(layer.r for _, layer, _, _ in layers)
     first = layers[0][1].info
-    a_rows = first.in_features  # the vocabulary size for an embedding
     dtype = jnp.result_type(*(ad["lora"][layer.info.name]["lora_A"].dtype for _, layer, _, ad in layers))
-    stacked_a = jnp.zeros((count, a_rows, rank), dtype)
-    stacked_b = jnp.zeros((count, rank, first.out_features), dtype)
-    stacked_bias = None
+    # one (A, B, bias) per id, zero-padded to one rank and pre-scaled; absent ids add nothing
+    zero_a = jnp.zeros((first.in_features, rank), dtype)  # in_features: the vocabulary for an embedding
+    zero_b = jnp.zeros((rank, first.out_features), dtype)
+    zero_bias = jnp.zeros((first.out_features,), dtype)
+    entries = {}
     for i, layer, _, adapter in layers:
         params = adapter["lora"][layer.info.name]
-        stacked_a = stacked_a.at[i, :, : layer.r].set(params["lora_A"].astype(dtype))
-        stacked_b = stacked_b.at[i, : layer.r, :].set((params["lora_B"] * layer.scaling).astype(dtype))
-        if "lora_B_bias" in params:
-            if stacked_bias is None:
-                stacked_bias = jnp.zeros((count, first.out_features), dtype)
-            stacked_bias = stacked_bias.at[i].set((params["lora_B_bias"] * layer.scaling).astype(dtype))
+        pad = rank - layer.r
+        entries[i] = (
+            jnp.pad(params["lora_A"].astype(dtype), ((0, 0), (0, pad))),
+            jnp.pad((params["lora_B"] * layer.scaling).astype(dtype), ((0, pad), (0, 0))),
+            (params["lora_B_bias"] * layer.scaling).astype(dtype) if "lora_B_bias" in params else zero_bias,
+        )
+    rows_a, rows_b, rows_bias = zip(
+        *(entries.get(i, (zero_a, zero_b, zero_bias)) for i in range(count)), strict=True
+    )
+    stacked_a, stacked_b = jnp.stack(rows_a), jnp.stack(rows_b)
+    has_bias = any("lora_B_bias" in ad["lora"][layer.info.name] for _, layer, _, ad in layers)
+    stacked_bias = jnp.stack(rows_bias) if has_bias else None
     index = jnp.where(ids < 0, count - 1, jnp.minimum(ids, count - 1))
     b = stacked_b[index]  # (batch, rank, out)
     if first.kind == "embedding":
