@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
-    threads = common.setup(args.threads, args.xla_flags)
+    threads = common.setup(args.threads, args.xla_flags, args.host_allocator)
     import jax
 
     from benchmarks import steps

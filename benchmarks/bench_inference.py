@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args()
-    threads = common.setup(args.threads, args.xla_flags)
+    threads = common.setup(args.threads, args.xla_flags, args.host_allocator)
     import jax
 
     print(common.describe_machine())

@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     args = parser.parse_args()
-    common.setup(args.threads, args.xla_flags)
+    common.setup(args.threads, args.xla_flags, args.host_allocator)
 
     import jax
     import numpy as np

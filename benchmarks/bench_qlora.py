@@ -32,7 +32,7 @@ def main() -> None:
         help="gradient checkpointing (QLoRA's usual setting: kernels re-decoded)",
     )
     args = parser.parse_args()
-    common.setup(args.threads, args.xla_flags)
+    common.setup(args.threads, args.xla_flags, args.host_allocator)
 
     import jax
     import jax.numpy as jnp

@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--r", type=int, default=8)
     args = parser.parse_args()
-    threads = common.setup(args.threads, args.xla_flags)
+    threads = common.setup(args.threads, args.xla_flags, args.host_allocator)
     try:
         import qwix
     except ImportError:

@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--proto", default=None, help="also time this prototype (e.g. fast, fast-bf16)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch side")
     args = parser.parse_args()
-    threads = common.setup(args.threads, args.xla_flags)
+    threads = common.setup(args.threads, args.xla_flags, args.host_allocator)
     import jax
 
     from benchmarks import steps

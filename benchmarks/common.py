@@ -11,6 +11,11 @@ Conventions used by every script:
   apart, with ``jax.jit(f).lower(...).compile()``, and never enters a step time.
 - Threads: ``os.sched_setaffinity`` to the first ``threads`` cores (XLA:CPU sizes its intra-op pool
   from the affinity mask), ``torch.set_num_threads(threads)``, ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``.
+- Host allocator: ``--host-allocator tuned`` (default) restarts the script once with
+  :data:`jpeft.train.host.ENVIRONMENT` set (glibc keeps freed memory for reuse, as
+  ``jpeft.train.tune_host_allocator()`` and ``jpeft train`` do), so every variant, torch's included,
+  runs under the same allocator; ``system`` keeps glibc's defaults. ``bench_host_allocator.py``
+  measures the difference.
 - Peak memory: JAX from ``compiled.memory_analysis()`` (argument + output + temp - alias bytes: what
   the executable needs resident while it runs); torch from the process's peak RSS (``VmHWM`` after
   resetting it through ``/proc/self/clear_refs``) minus the RSS before the step. The two methods
@@ -32,7 +37,7 @@ from typing import Any
 _THREADS: int | None = None
 
 
-def setup(threads: int | None = None, xla_flags: str | None = None) -> int:
+def setup(threads: int | None = None, xla_flags: str | None = None, host_allocator: str = "tuned") -> int:
     """Pins this process to ``threads`` cores and sets the thread counts of XLA and torch equal.
 
     Must run before jax is imported (XLA sizes its pool from the affinity mask at start-up).
@@ -40,11 +45,21 @@ def setup(threads: int | None = None, xla_flags: str | None = None) -> int:
     Args:
       threads: cores to use (default: all cores this process may run on).
       xla_flags: extra ``XLA_FLAGS`` to append (e.g. ``"--xla_cpu_use_thunk_runtime=false"``).
+      host_allocator: ``"tuned"`` re-executes the script once with glibc's malloc set to keep
+        freed memory (the settings of ``jpeft.train.tune_host_allocator``, applied from the
+        environment so that they hold from the first allocation); ``"system"`` leaves it alone.
 
     Returns:
       The number of threads in force.
     """
     global _THREADS
+    if host_allocator not in HOST_ALLOCATORS:
+        raise ValueError(f"`host_allocator`={host_allocator!r}; use one of {HOST_ALLOCATORS}.")
+    if host_allocator == "tuned":
+        _reexec_with(_allocator_environment())
+    else:
+        for var in _allocator_environment():
+            os.environ.pop(var, None)  # children of a `system` run must not inherit a tuned setting
     if "jax" in sys.modules and _THREADS is None:
         print("warning: jax was imported before benchmarks.common.setup(); thread pinning may not apply")
     cores = sorted(os.sched_getaffinity(0))
@@ -61,6 +76,34 @@ def setup(threads: int | None = None, xla_flags: str | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _THREADS = threads
     return threads
+
+
+HOST_ALLOCATORS = ("tuned", "system")
+
+
+def _allocator_environment() -> dict[str, str]:
+    """``jpeft.train.host.ENVIRONMENT``, loaded from its file: importing the ``jpeft`` package would
+    import jax before the pinning (``host.py`` uses the standard library only)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "_jpeft_host", os.path.join(root, "jpeft", "train", "host.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(module.ENVIRONMENT)
+
+
+def _reexec_with(env: Mapping[str, str]) -> None:
+    """Restarts this script with ``env`` added, unless it already has it (malloc reads it at start-up)."""
+    if all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    os.environ.update(env)
+    argv = list(getattr(sys, "orig_argv", [])) or [sys.executable, *sys.argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *argv[1:]], dict(os.environ))
 
 
 def setup_torch() -> None:
@@ -89,6 +132,8 @@ def describe_machine() -> str:
         jax = sys.modules["jax"]
         parts.append(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
     parts.append(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    tuned = os.environ.get("MALLOC_ARENA_MAX") == "1" and os.environ.get("MALLOC_MMAP_MAX_") == "0"
+    parts.append(f"host allocator={'tuned' if tuned else 'system'}")
     parts.append(f"load avg={os.getloadavg()[0]:.2f}")
     return ", ".join(parts)
 
@@ -103,6 +148,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after compile")
     parser.add_argument("--xla-flags", default=None, help="extra XLA_FLAGS for this run")
+    parser.add_argument(
+        "--host-allocator",
+        default="tuned",
+        choices=HOST_ALLOCATORS,
+        help="glibc malloc keeping freed memory (tuned, as jpeft train) or its defaults (system)",
+    )
     return parser
 
 

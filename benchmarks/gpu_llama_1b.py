@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--remat", action="store_true", help="gradient checkpointing of each layer")
     args = parser.parse_args()
-    common.setup(args.threads, args.xla_flags)
+    common.setup(args.threads, args.xla_flags, args.host_allocator)
     import jax
     import jax.numpy as jnp
 

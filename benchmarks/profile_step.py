@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--torch", action="store_true", help="also profile torch PEFT's step")
     parser.add_argument("--proto", default="fast", help="prototype variant name for --variant proto")
     args = parser.parse_args()
-    common.setup(args.threads or 1, args.xla_flags)
+    common.setup(args.threads or 1, args.xla_flags, args.host_allocator)
     from benchmarks import steps
 
     common.setup_torch()

@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse_hidden())
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds over the flag sets")
     args = parser.parse_args()
-    threads = common.setup(args.threads or 1)
+    threads = common.setup(args.threads or 1, host_allocator=args.host_allocator)
     steps = args.steps or (5 if args.quick else 15)
     if args.child:
         child(steps)

@@ -1,6 +1,7 @@
-"""Training helpers on optax: losses, a jitted train step, mixed precision."""
+"""Training helpers on optax: losses, a jitted train step, mixed precision, host-memory settings."""
 
 from jpeft.train.checkpoint import TrainCheckpointer
+from jpeft.train.host import runs_on_cpu, tune_host_allocator
 from jpeft.train.losses import (
     IGNORE_INDEX,
     causal_lm_loss,
@@ -31,6 +32,7 @@ __all__ = [
     "make_mesh",
     "param_shardings",
     "param_specs",
+    "runs_on_cpu",
     "shard_params",
     "Trainer",
     "causal_lm_loss",
@@ -41,4 +43,5 @@ __all__ = [
     "mean_loss",
     "seq2seq_lm_loss",
     "shift_tokens_right",
+    "tune_host_allocator",
 ]
