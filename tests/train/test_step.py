@@ -629,3 +629,17 @@ def test_masked_optimizer_keeps_base_bitwise(tiny):
     adapter_now, adapter_before = leaves_with_paths(params["adapters"]), leaves_with_paths(before["adapters"])
     assert all(not np.array_equal(np.asarray(v), adapter_before[k]) for k, v in adapter_now.items())
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_global_norm_equals_optax_norm_across_shapes_and_dtypes():
+    keys = jax.random.split(jax.random.key(3), 6)
+    tree = {
+        "a": [jax.random.normal(k, (16, 4)) for k in keys[:3]],  # one stack
+        "b": {"x": jax.random.normal(keys[3], (4, 16)), "y": jax.random.normal(keys[4], (4, 16))},
+        "c": jax.random.normal(keys[5], (7,)).astype(jnp.bfloat16),  # a shape of its own, bf16
+    }
+    expected = optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    got = jax.jit(jpeft.train.step.global_norm)(tree)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(float(got), float(expected), rtol=1e-6)
+    assert float(jpeft.train.step.global_norm({})) == 0.0
