@@ -198,7 +198,10 @@ def _check_config_and_logits(models: Models, name: str) -> float:
     assert models.torch_model.active_adapters == [_NAMES[0]]
     want, got = _logits(models, name)
     assert parity.max_diff(want, models.base_logits) > _MIN_ADAPTER_EFFECT
-    return parity.assert_close(got, want, f"logits with {name}")
+    # fp32 rounding is relative: some combinations (llama dare_ties_svd) push the logits to ~8, where
+    # two frameworks' summation orders differ by ~1e-6 x 8; the 1e-5 bar holds for |logits| <= 1.
+    scale = max(1.0, float(np.abs(np.asarray(want)).max()))
+    return parity.assert_close(got, want, f"logits with {name}", atol=parity.ATOL * scale)
 
 
 DETERMINISTIC = [
