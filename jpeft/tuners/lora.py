@@ -536,12 +536,13 @@ def layer_forward(
     dropped = train and config.lora_dropout > 0.0
     if dropped:
         xa = base.dropout(xa, config.lora_dropout, key, "lora_dropout")
-    lora_out = (xa @ lora_a) @ lora_b
     if not config.use_dora:
-        result = lora_out * s
+        # the scaling goes on the rank-r intermediate, r/out the size of the output (forward and backward)
+        result = ((xa @ lora_a) * s) @ lora_b
         if "lora_B_bias" in params:
             result = result + params["lora_B_bias"] * s
         return (out + result).astype(out.dtype)
+    lora_out = (xa @ lora_a) @ lora_b
 
     weight_io = _weight_io(module_params[info.weight_name], info)
     norm = jax.lax.stop_gradient(_dora_weight_norm(weight_io, lora_a, lora_b, s))
