@@ -514,3 +514,21 @@ def test_error_through_the_command_line(tmp_path):
     )
     assert proc.stdout == ""
     assert_one_line_error(proc.returncode, proc.stderr, "no adapter folder", "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("flag", "platform_is_cpu", "expected"),
+    [([], True, 1), (["--host-allocator", "system"], True, 0), ([], False, 0)],
+)
+def test_train_tunes_the_host_allocator_on_cpu_only(
+    tmp_path, capsys, monkeypatch, flag, platform_is_cpu, expected
+):
+    import jpeft.train.host as host
+
+    calls = []
+    monkeypatch.setattr(host, "runs_on_cpu", lambda: platform_is_cpu)
+    monkeypatch.setattr(host, "tune_host_allocator", lambda **kw: calls.append(kw) or True)
+    code = cli.main(_train_error(tmp_path, "--model", str(tmp_path / "no-such-model"), *flag))
+    assert code == 2  # the run stops at the missing model; the allocator decision came first
+    assert len(calls) == expected, calls
+    assert all(kw == {"warn": False} for kw in calls)
