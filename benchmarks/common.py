@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import statistics
@@ -56,7 +57,8 @@ def setup(threads: int | None = None, xla_flags: str | None = None, host_allocat
     if host_allocator not in HOST_ALLOCATORS:
         raise ValueError(f"`host_allocator`={host_allocator!r}; use one of {HOST_ALLOCATORS}.")
     if host_allocator == "tuned":
-        _reexec_with(_allocator_environment())
+        if not _allocator_tuned():
+            _reexec_with(_allocator_environment())
     else:
         for var in _allocator_environment():
             os.environ.pop(var, None)  # children of a `system` run must not inherit a tuned setting
@@ -81,6 +83,7 @@ def setup(threads: int | None = None, xla_flags: str | None = None, host_allocat
 HOST_ALLOCATORS = ("tuned", "system")
 
 
+@functools.cache
 def _allocator_environment() -> dict[str, str]:
     """``jpeft.train.host.ENVIRONMENT``, loaded from its file: importing the ``jpeft`` package would
     import jax before the pinning (``host.py`` uses the standard library only)."""
@@ -95,10 +98,13 @@ def _allocator_environment() -> dict[str, str]:
     return dict(module.ENVIRONMENT)
 
 
+def _allocator_tuned() -> bool:
+    """Whether this process started with the tuned allocator's variables (malloc reads them at start-up)."""
+    return all(os.environ.get(k) == v for k, v in _allocator_environment().items())
+
+
 def _reexec_with(env: Mapping[str, str]) -> None:
-    """Restarts this script with ``env`` added, unless it already has it (malloc reads it at start-up)."""
-    if all(os.environ.get(k) == v for k, v in env.items()):
-        return
+    """Restarts this script with ``env`` added to its environment."""
     os.environ.update(env)
     argv = list(getattr(sys, "orig_argv", [])) or [sys.executable, *sys.argv]
     sys.stdout.flush()
@@ -132,8 +138,7 @@ def describe_machine() -> str:
         jax = sys.modules["jax"]
         parts.append(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
     parts.append(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    tuned = os.environ.get("MALLOC_ARENA_MAX") == "1" and os.environ.get("MALLOC_MMAP_MAX_") == "0"
-    parts.append(f"host allocator={'tuned' if tuned else 'system'}")
+    parts.append(f"host allocator={'tuned' if _allocator_tuned() else 'system'}")
     parts.append(f"load avg={os.getloadavg()[0]:.2f}")
     return ", ".join(parts)
 

@@ -71,7 +71,7 @@ def runs_on_cpu() -> bool:
     ``JAX_PLATFORMS`` (or ``jax.config.jax_platforms``) decides when set; otherwise the
     CPU is the default when no accelerator plugin (CUDA, ROCm, TPU) is installed.
     """
-    if "jax" in sys.modules and _jax_backend_started():
+    if _jax_backend_started():
         import jax
 
         return jax.default_backend() == "cpu"

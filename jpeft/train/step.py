@@ -166,11 +166,11 @@ def make_train_step(
             raise ValueError(f"batch sizes {leading} do not divide into {grad_accum_steps} micro-batches.")
         if grad_accum_steps == 1:
             # no scan, no accumulator: the step XLA sees is the plain forward + backward, and the
-            # gradients are already those of the mean (no multiply by the count and divide back)
+            # gradients are already those of the (scaled) mean
             grads, (total, count) = grad_fn(
                 state.trainable, frozen_tree, dict(batch), jax.random.fold_in(step_key, 0), scale
             )
-            return finish(state, rng, scale, grads, total, count, of_mean=True)
+            return finish(state, rng, scale, grads, total, count)
         micro = jax.tree.map(
             lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), dict(batch)
         )
@@ -191,16 +191,14 @@ def make_train_step(
             (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
             (micro, jnp.arange(grad_accum_steps)),
         )
+        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)  # token-weighted sum -> mean
         return finish(state, rng, scale, grads, total, count)
 
-    def finish(state, rng, scale, grads, total, count, of_mean=False):
-        if of_mean and state.loss_scale is None:
-            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
-        else:
-            denominator = scale if of_mean else jnp.maximum(count, 1.0) * scale
-            grads = jax.tree.map(
-                lambda g, p: (g.astype(jnp.float32) / denominator).astype(p.dtype), grads, state.trainable
-            )
+    def finish(state, rng, scale, grads, total, count):
+        """``grads`` are those of the (loss-scaled) mean loss."""
+        if state.loss_scale is not None:
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32) / scale, grads)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         loss_scale = state.loss_scale
