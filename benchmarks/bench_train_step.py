@@ -5,7 +5,12 @@ sequence length and thread count:
 
 - ``jpeft``: ``jpeft.get_peft_model`` + ``jpeft.train.make_train_step(peft_model, optax.adamw)``.
 - ``torch``: ``peft.get_peft_model`` + ``torch.optim.AdamW`` on the transformers torch model.
-- ``full``: full fine-tuning of the same Flax model in plain JAX (adamw, params donated).
+- ``full``: full fine-tuning of the same Flax model in plain JAX (adamw, params donated), its loss on
+  the model's logits, as users write it.
+- ``full-fused``: the same, with jpeft's fused LM-head cross-entropy (the loss the jpeft step uses);
+  the jpeft/full ratios are given against both.
+- ``jpeft-plain``: jpeft's step with ``fused_loss=False`` (logits materialised), to show what the fused
+  loss changes.
 - ``proto`` (with ``--proto``): the best prototype of ``benchmarks/prototypes/fast_step.py``.
 
 Reported: median step time of ``--steps`` after ``--warmup`` (compile time apart), ratios
@@ -40,6 +45,11 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--proto", default=None, help="also time this prototype (e.g. fast, fast-bf16)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch side")
+    parser.add_argument(
+        "--no-loss-variants",
+        action="store_true",
+        help="skip full-fused and jpeft-plain (the fused-loss comparison)",
+    )
     args = parser.parse_args()
     threads = common.setup(args.threads, args.xla_flags, args.host_allocator)
     import jax
@@ -59,6 +69,10 @@ def main() -> None:
     print(f"large jnp.dot (2048^3 f32): {peak / 1e9:.1f} GFLOP/s")
 
     ratio_rows, detail_rows, mfu_rows = [], [], []
+
+    def vs_fused(jpeft_value: float, fused_value: float | None) -> str:
+        return f" ({jpeft_value / fused_value:.2f})" if fused_value else ""
+
     for name in shapes:
         shape = common.SHAPES[name]
         batch = common.token_batch(shape, args.batch, args.seq)
@@ -67,6 +81,18 @@ def main() -> None:
         if not args.no_torch:
             runners["torch"] = steps.torch_peft_lora(shape, batch, r=args.r, targets=targets)
         runners["full"] = steps.jax_full_ft(common.flax_model(shape), batch)
+        if not args.no_loss_variants:
+            runners["full-fused"] = steps.jax_full_ft(
+                common.flax_model(shape), batch, name="jax-full-fused", fused_loss=True
+            )
+            runners["jpeft-plain"] = steps.jpeft_lora(
+                common.flax_model(shape),
+                batch,
+                r=args.r,
+                targets=targets,
+                name="jpeft-plain",
+                fused_loss=False,
+            )
         if args.proto:
             from benchmarks.prototypes import fast_step
 
@@ -83,8 +109,9 @@ def main() -> None:
                 name,
                 f"{shape.total_params() / 1e6:.0f}M",
                 f"{med['jpeft'] / med['torch']:.2f}" if "torch" in med else "n/a",
-                f"{med['jpeft'] / med['full']:.2f}",
-                f"{mem['jpeft']['peak'] / mem['full']['peak']:.2f}",
+                f"{med['jpeft'] / med['full']:.2f}" + vs_fused(med["jpeft"], med.get("full-fused")),
+                f"{mem['jpeft']['peak'] / mem['full']['peak']:.2f}"
+                + vs_fused(mem["jpeft"]["peak"], mem.get("full-fused", {}).get("peak")),
                 f"{flops / med['jpeft'] / peak:.2f}",
                 f"{med['proto'] / med['torch']:.2f}" if "proto" in med and "torch" in med else "n/a",
                 f"{med['proto'] / med['full']:.2f}" if "proto" in med else "n/a",
@@ -122,8 +149,8 @@ def main() -> None:
             "shape",
             "params",
             "jpeft/torch (<=0.8)",
-            "jpeft/full time (<=0.75)",
-            "jpeft/full mem (<=0.6)",
+            "jpeft/full time (<=0.75) (vs full-fused)",
+            "jpeft/full mem (<=0.6) (vs full-fused)",
             "MFU vs jnp.dot (>=0.6)",
             "proto/torch",
             "proto/full",

@@ -36,6 +36,7 @@ def jpeft_lora(
     name: str = "jpeft",
     donate: bool = False,
     remat: bool = False,
+    fused_loss: bool = True,
 ) -> Runner:
     """jpeft's own path: ``get_peft_model`` + ``jpeft.train.make_train_step`` (its jitted step as is).
 
@@ -48,6 +49,7 @@ def jpeft_lora(
       donate: re-jit the trainer's step with ``donate_argnums=0`` (a prototype of the fix; the
         library's step does not donate today).
       remat: ``peft_model.enable_gradient_checkpointing()`` first.
+      fused_loss: ``make_train_step``'s ``fused_loss`` (LM head + cross-entropy a slice at a time).
     """
     import jax
     import optax
@@ -59,7 +61,9 @@ def jpeft_lora(
     peft_model = jpeft.get_peft_model(model, config)
     if remat:
         peft_model.enable_gradient_checkpointing()
-    trainer = jpeft.train.make_train_step(peft_model, optax.adamw(lr), precision=precision)
+    trainer = jpeft.train.make_train_step(
+        peft_model, optax.adamw(lr), precision=precision, fused_loss=fused_loss
+    )
     state = trainer.init(jax.random.key(0))
     frozen = trainer.frozen()
     jbatch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
@@ -98,19 +102,44 @@ def causal_loss(logits: Any, input_ids: Any, attention_mask: Any) -> Any:
     return total / count
 
 
-def jax_full_ft(model: Any, batch: Mapping[str, Any], *, lr: float = 1e-4, name: str = "jax-full") -> Runner:
-    """Plain JAX full fine-tuning of the same Flax model: every weight trains (adamw, params donated)."""
+def jax_full_ft(
+    model: Any,
+    batch: Mapping[str, Any],
+    *,
+    lr: float = 1e-4,
+    name: str = "jax-full",
+    fused_loss: bool = False,
+) -> Runner:
+    """Plain JAX full fine-tuning of the same Flax model: every weight trains (adamw, params donated).
+
+    With ``fused_loss`` the loss is jpeft's :func:`~jpeft.train.losses.fused_causal_lm_loss` on the LM
+    head's input (captured with :func:`~jpeft.bindings.linen.capture_lm_head`), the same loss the
+    jpeft step uses, here also computing the head's weight gradient: full fine-tuning at its leanest.
+    """
     import jax
     import optax
+
+    import jpeft
+    from jpeft.bindings.linen import capture_lm_head
 
     tx = optax.adamw(lr)
     params = jax.tree.map(jax.numpy.asarray, model.params)
     opt_state = tx.init(params)
     jbatch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
 
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+
     def loss_fn(p, b, key):
-        logits = model(**b, params=p, train=True, dropout_rng=key).logits
-        return causal_loss(logits, b["input_ids"], b["attention_mask"])
+        if not fused_loss:
+            logits = model(**b, params=p, train=True, dropout_rng=key).logits
+            return causal_loss(logits, b["input_ids"], b["attention_mask"])
+        with capture_lm_head() as head:
+            out = model(**b, params=p, train=True, dropout_rng=key)
+        assert head.returned(out.logits), "the model changed its LM head's output"
+        total, count = jpeft.train.fused_causal_lm_loss(
+            head.hidden, head.kernel, b["input_ids"], b["attention_mask"], bias=head.bias, vocab_major=tied
+        )
+        return total / count
 
     def step(p, o, b, key):
         key, sub = jax.random.split(key)

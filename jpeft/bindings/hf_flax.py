@@ -40,6 +40,13 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
 # Flax params that are buffers (not parameters) in the torch model: not counted, never trained.
 TORCH_BUFFERS = (("final_logits_bias",),)
 
+# Causal LMs whose Flax ``__call__`` returns ``lm_head``'s output unchanged as the logits (read in
+# transformers 4.57's ``modeling_flax_*.py``), so a loss may compute the head itself
+# (``make_train_step``'s fused loss). BART-family models add ``final_logits_bias`` after the head.
+HEAD_OUTPUT_IS_LOGITS = frozenset(
+    {"gpt2", "llama", "mistral", "gemma", "bloom", "gpt_neo", "gptj", "opt", "xglm"}
+)
+
 # Names transformers gives the output embedding (``get_output_embeddings()``).
 OUTPUT_EMBEDDING_NAMES = ("lm_head", "cls.predictions.decoder", "embed_out")
 
@@ -73,6 +80,9 @@ class HFFlaxBinding:
         self.remat = False
         self.buffer_paths = frozenset(path for path in TORCH_BUFFERS if path[0] in self.params)
         self.tied_embedding_names = self._tied_embeddings()
+        self.head_output_is_logits = self.model_type in HEAD_OUTPUT_IS_LOGITS and self.class_name.endswith(
+            ("LMHeadModel", "ForCausalLM")
+        )
 
     def _tied_embeddings(self) -> frozenset[str]:
         """Input embeddings that the LM head reuses (no head weights of its own)."""

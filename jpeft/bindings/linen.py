@@ -10,6 +10,7 @@ works under ``jit``, ``grad`` and ``vmap``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -160,6 +161,68 @@ def hooked(hook: Hook | None, names: frozenset[str], *, remat: bool = False) -> 
         yield
 
 
+@dataclasses.dataclass
+class HeadCall:
+    """What :func:`capture_lm_head` saw of the LM head's call: its input and its weights."""
+
+    hidden: Any = None
+    kernel: Any = None
+    bias: Any = None
+    dtype: Any = None
+    precision: Any = None
+
+    def returned(self, logits: Any) -> bool:
+        """Whether the model returned the head's output unchanged as ``logits`` (nothing applied after it)."""
+        return self.hidden is not None and logits is self.hidden
+
+
+def _plain_head(module: nn.Module) -> bool:
+    """A stock ``nn.Dense`` whose weights are plain 2-D/1-D arrays (not quantized, no custom dot)."""
+    if type(module) is not nn.Dense or module.dot_general is not None or module.dot_general_cls is not None:
+        return False
+    params = module.variables.get("params", {})
+    kernel, bias = params.get("kernel"), params.get("bias")
+    return (
+        set(params) <= {"kernel", "bias"}
+        and isinstance(kernel, jax.Array)
+        and kernel.ndim == 2
+        and (bias is None or (isinstance(bias, jax.Array) and bias.shape == kernel.shape[1:]))
+    )
+
+
+@contextlib.contextmanager
+def capture_lm_head(name: str = "lm_head") -> Iterator[HeadCall]:
+    """Within the block, the first call of a plain ``nn.Dense`` named ``name`` returns its *input*.
+
+    The head's weights and matmul settings are recorded in the yielded :class:`HeadCall`, so a
+    loss can compute the logits itself (a slice at a time: :func:`jpeft.train.losses.fused_causal_lm_loss`).
+    This is the head as the model calls it: a tied head's kernel is the embedding table
+    transposed, and a ``modules_to_save`` copy is the trained copy. Callers check
+    :meth:`HeadCall.returned` on the model's logits: when a model changes the head's output
+    (BART adds ``final_logits_bias``), the capture does not apply.
+    """
+    call = HeadCall()
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if (
+            call.hidden is not None
+            or context.method_name != "__call__"
+            or module.name != name
+            or len(args) != 1
+            or kwargs
+            or not _plain_head(module)
+        ):
+            return next_fun(*args, **kwargs)
+        params = module.variables["params"]
+        call.hidden, call.kernel, call.bias = args[0], params["kernel"], params.get("bias")
+        call.dtype, call.precision = module.dtype, module.precision
+        return args[0]
+
+    with nn.intercept_methods(interceptor):
+        yield call
+
+
 class LinenBinding:
     """Drives a plain ``flax.linen`` module.
 
@@ -204,6 +267,7 @@ class LinenBinding:
         self.remat = False
         self.buffer_paths: frozenset[tuple[str, ...]] = frozenset()
         self.tied_embedding_names: frozenset[str] = frozenset()
+        self.head_output_is_logits = False  # unknown for a user's module: fused loss only when asked
 
     def enable_gradient_checkpointing(self) -> None:
         self.remat = True

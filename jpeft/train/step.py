@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jpeft.bindings.linen import capture_lm_head
 from jpeft.config import TaskType
 from jpeft.core.tree import combine
 from jpeft.train import losses
@@ -90,6 +91,7 @@ def make_train_step(
     precision: str | Policy | None = None,
     jit: bool = True,
     return_grads: bool = False,
+    fused_loss: bool | None = None,
 ) -> Trainer:
     """Builds ``init``/``step`` for training the active adapter of ``peft_model``.
 
@@ -104,6 +106,15 @@ def make_train_step(
       jit: compile the step (the frozen tree and batch are traced arguments).
       return_grads: also return the step's (unscaled, averaged) gradients as
         ``metrics["grads"]``, e.g. for AdaLoRA's rank allocator beside the step.
+      fused_loss: for the built-in causal-LM loss, compute the LM head and its cross-entropy
+        together a slice of the sequence at a time
+        (:func:`jpeft.train.losses.fused_causal_lm_loss`), so the ``(batch, length, vocab)``
+        logits and their gradient are never held whole; same loss and gradients up to
+        rounding. ``None`` (default): on for transformers' causal LMs known to return
+        ``lm_head``'s output as their logits (GPT-2, Llama, Mistral, Gemma, BLOOM, GPT-Neo,
+        GPT-J, OPT, XGLM). ``True``: also for other models whose head is an ``nn.Dense``
+        named ``lm_head`` and whose logits are its output unchanged. It never applies with a
+        custom ``loss_fn``, or when an adapter wraps ``lm_head`` (LoRA on ``lm_head``).
 
     The jitted step donates its ``state`` argument (adapters and optimizer state are
     updated in place): use the returned state, not the one passed in
@@ -118,8 +129,16 @@ def make_train_step(
     policy = Policy.from_name(precision)
     config = peft_model.peft_config[peft_model.active_adapters[0]]
     task = config.task_type.value if config.task_type is not None else None
+    if fused_loss is None:
+        fused_loss = getattr(peft_model._binding, "head_output_is_logits", False)
+    fuse = fused_loss and loss_fn is None and (task or "CAUSAL_LM").upper() == "CAUSAL_LM"
+    if fuse:
+        plans = getattr(peft_model, "_plans", {})
+        fuse = not any("lm_head" in plans[n].hooked for n in peft_model.active_adapters if n in plans)
     loss_fn = loss_fn or loss_for_task(task)
     model_config = getattr(peft_model._binding, "config", None)
+    # a tied head's kernel is the embedding table transposed: the fused loss then works on the table
+    tied_head = bool(getattr(peft_model._binding, "tied_embedding_names", ()))
 
     def init(key: jax.Array) -> TrainState:
         trainable, _ = peft_model.split_params()
@@ -142,16 +161,42 @@ def make_train_step(
         _, rest = peft_model.split_params()
         return combine(state.trainable, rest)
 
-    def micro_loss(trainable, frozen_tree, batch, key, scale):
-        outputs = peft_model.apply(
+    def forward(trainable, frozen_tree, batch, key):
+        return peft_model.apply(
             policy.cast(trainable),
             frozen=frozen_tree,
             train=True,
             dropout_rng=key,
             **model_inputs(batch, model_config, task),
         )
+
+    def micro_loss(trainable, frozen_tree, batch, key, scale):
         # prompt methods prepend virtual tokens: their labels/mask grow to match the outputs
-        total, count = loss_fn(outputs, peft_model.loss_batch(batch))
+        loss_batch = peft_model.loss_batch(batch)
+        if fuse:
+            with capture_lm_head() as head:
+                outputs = forward(trainable, frozen_tree, batch, key)
+            if head.returned(getattr(outputs, "logits", None)):
+                labels = loss_batch.get("labels", loss_batch["input_ids"])
+                mask = loss_batch.get("attention_mask")
+                _, valid = losses.causal_lm_targets(labels, mask)
+                total, count = losses.fused_causal_lm_loss(
+                    head.hidden,
+                    head.kernel,
+                    labels,
+                    mask,
+                    bias=head.bias,
+                    dtype=head.dtype,
+                    precision=head.precision,
+                    grad_scale=scale / jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0),
+                    vocab_major=tied_head,
+                )
+            elif head.hidden is not None:  # something changed the head's output: the plain path
+                total, count = loss_fn(forward(trainable, frozen_tree, batch, key), loss_batch)
+            else:  # no head was called: these are the model's own outputs
+                total, count = loss_fn(outputs, loss_batch)
+        else:
+            total, count = loss_fn(forward(trainable, frozen_tree, batch, key), loss_batch)
         # Differentiate the scaled *mean* (fp16 range); the caller multiplies back by ``count``.
         count = jax.lax.stop_gradient(count)
         return total * scale / jnp.maximum(count, 1.0), (total, count)
