@@ -263,6 +263,23 @@ def torch_peak_bytes(run: Callable[[], Any]) -> int:
     return _read_status("VmHWM") - before
 
 
+def matmul_step(size: int = 2048, dtype: str = "float32") -> tuple[Callable[[], Any], float]:
+    """``(run, flops)``: one blocking jitted ``size``-cubed ``jnp.dot``, to time interleaved with the steps.
+
+    Timed among the steps (A B C dot A B C dot ...), the reference sees the same machine state as
+    the steps it is compared with, which a single measurement at start-up does not on a VM whose
+    speed drifts during a run.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    return (lambda: f(a, b).block_until_ready()), 2.0 * size**3
+
+
 def matmul_peak_flops(size: int = 2048, dtype: str = "float32", n: int = 5) -> float:
     """FLOP/s of a large jitted ``jnp.dot`` (size x size @ size x size) on the default device."""
     import jax
