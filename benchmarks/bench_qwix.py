@@ -1,7 +1,9 @@
 """Issue 9, item 3: jpeft's LoRA step vs qwix's LoRA (``qwix.LoraProvider`` + ``apply_lora_to_model``).
 
-Same transformers Flax Llama-shaped model, same targets (``q_proj``, ``v_proj``), rank, alpha, batch,
-loss (jpeft's ``causal_lm_loss``) and optimizer (``optax.adamw``). qwix has no trainer, so its step is
+Same transformers Flax Llama-shaped model, same targets (``q_proj``, ``v_proj``), rank, alpha, batch
+and optimizer (``optax.adamw``). ``jpeft`` is the library's step as users get it (its fused LM-head
+loss included); ``jpeft-plain`` is the same step with ``fused_loss=False``, i.e. the same loss as the
+qwix step (jpeft's ``causal_lm_loss`` on the logits), the like-for-like comparison of the LoRA paths. qwix has no trainer, so its step is
 the plain one a qwix user writes: ``jax.value_and_grad`` over the ``*_lora_a``/``*_lora_b`` leaves
 only, the rest passed frozen, adapters and optimizer state donated. Llama shapes only: qwix cannot
 adapt transformers' Flax GPT-2 ``c_attn`` (its kernel is transposed before the matmul, which qwix's
@@ -113,6 +115,14 @@ def main() -> None:
         targets = common.DEFAULT_TARGETS["llama"]
         runners = {
             "jpeft": steps.jpeft_lora(common.flax_model(shape), batch, r=args.r, targets=targets),
+            "jpeft-plain": steps.jpeft_lora(
+                common.flax_model(shape),
+                batch,
+                r=args.r,
+                targets=targets,
+                name="jpeft-plain",
+                fused_loss=False,
+            ),
             "qwix": qwix_lora(common.flax_model(shape), batch, r=args.r, targets=targets),
         }
         times = common.time_interleaved({k: r.run for k, r in runners.items()}, n=n, warmup=args.warmup)
@@ -122,9 +132,11 @@ def main() -> None:
             (
                 name,
                 f"{med['jpeft'] * 1e3:.0f}",
+                f"{med['jpeft-plain'] * 1e3:.0f}",
                 f"{med['qwix'] * 1e3:.0f}",
                 f"{med['jpeft'] / med['qwix']:.2f}",
-                f"{mem['jpeft'] / mem['qwix']:.2f}",
+                f"{med['jpeft-plain'] / med['qwix']:.2f}",
+                f"{mem['jpeft'] / mem['qwix']:.2f} / {mem['jpeft-plain'] / mem['qwix']:.2f}",
                 f"{runners['jpeft'].compile_s:.1f} / {runners['qwix'].compile_s:.1f}",
             )
         )
@@ -134,7 +146,16 @@ def main() -> None:
     common.print_table(
         f"jpeft vs qwix {version} LoRA step, Llama shapes (threads={threads}, batch={args.batch}, seq={args.seq}, "
         f"r={args.r}, median of {n})",
-        ["shape", "jpeft ms", "qwix ms", "jpeft/qwix (<=1.0)", "peak mem jpeft/qwix", "compile s jpeft/qwix"],
+        [
+            "shape",
+            "jpeft ms",
+            "jpeft-plain ms",
+            "qwix ms",
+            "jpeft/qwix (<=1.0)",
+            "jpeft-plain/qwix (same loss)",
+            "peak mem jpeft/qwix, plain/qwix",
+            "compile s jpeft/qwix",
+        ],
         rows,
     )
 

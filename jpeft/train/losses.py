@@ -62,12 +62,23 @@ def causal_lm_targets(
     return jnp.where(valid, targets, 0), valid
 
 
-# The fused loss's default slice: about FUSED_CHUNK_BYTES of f32 logits, and never fewer than
-# FUSED_MIN_TOKENS tokens, because each slice reads the whole head weight again (twice): with fewer
-# rows the head's matmuls become bound by memory bandwidth once the weight outgrows the caches
-# (measured on a 2-core Zen 5: GPT-2 120M's 154 MB head at 40-token slices took 1.2x the step).
+# The fused loss's default slice: about FUSED_CHUNK_BYTES of f32 logits, but never fewer than
+# FUSED_MIN_TOKENS tokens, because every slice reads the whole head weight again, twice (its two
+# matmuls). On a 2-core Zen 5 each extra slice of GPT-2 10M's head (16 MiB) cost about 1.5 ms, so
+# 256 tokens keeps that to a few percent of the loss. On GPUs and TPUs the head's matmuls need more
+# rows to stay compute-bound (an H100-class chip does ~300 flops per byte of bandwidth): 4096 is
+# chosen from that ratio, not measured; ``chunk_size`` / ``make_train_step(fused_loss_tokens=...)``
+# overrides it.
 FUSED_CHUNK_BYTES = 8 << 20
-FUSED_MIN_TOKENS = 256
+FUSED_MIN_TOKENS = {"cpu": 256}
+FUSED_MIN_TOKENS_ACCELERATOR = 4096
+
+
+def default_slice_tokens(vocab: int, platform: str | None = None) -> int:
+    """Tokens per slice of :func:`fused_causal_lm_loss` when ``chunk_size`` is not given."""
+    platform = platform or jax.default_backend()
+    least = FUSED_MIN_TOKENS.get(platform, FUSED_MIN_TOKENS_ACCELERATOR)
+    return max(least, FUSED_CHUNK_BYTES // (4 * vocab))
 
 
 def fused_causal_lm_loss(
@@ -103,8 +114,7 @@ def fused_causal_lm_loss(
       dtype: the dtype of the head's matmul (``nn.Dense``'s ``dtype``; default: promoted from
         ``hidden`` and ``kernel``). Softmax and loss are computed in f32, as the plain loss does.
       precision: the matmul's ``lax.Precision``.
-      chunk_size: positions per slice (default: ``FUSED_CHUNK_BYTES`` of f32 logits, at least
-        ``FUSED_MIN_TOKENS`` tokens).
+      chunk_size: positions per slice (default: :func:`default_slice_tokens` divided by the batch).
       grad_scale: the expected cotangent of the returned sum (e.g. ``1 / count``). The per-token
         gradients are multiplied by it before they are rounded to ``dtype`` and divided back in
         the backward pass, so fp16 gradients keep their range. Any value gives the same gradients.
@@ -126,7 +136,7 @@ def fused_causal_lm_loss(
     batch, length, _ = hidden.shape
     vocab = kernel.shape[1]
     if chunk_size is None:
-        chunk_size = max(FUSED_MIN_TOKENS, FUSED_CHUNK_BYTES // (4 * vocab)) // batch
+        chunk_size = default_slice_tokens(vocab) // batch
     chunk_size = max(1, min(int(chunk_size), length))
     chunk_size = -(-length // -(-length // chunk_size))  # the same slice count with the least padding
     compute_dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(hidden, kernel)

@@ -95,6 +95,14 @@ def test_fused_loss_bf16_matches_plain_in_bf16():
     )
 
 
+def test_default_slice_by_platform():
+    from jpeft.train import losses
+
+    assert losses.default_slice_tokens(16384, "cpu") == 256
+    assert losses.default_slice_tokens(128, "cpu") == losses.FUSED_CHUNK_BYTES // (4 * 128)
+    assert losses.default_slice_tokens(128256, "gpu") == 4096
+
+
 def test_fused_loss_rejects_mismatched_shapes():
     hidden, kernel, _, labels, mask = _problem()
     with pytest.raises(ValueError, match="kernel"):
@@ -132,7 +140,8 @@ def test_train_step_fused_loss_equals_plain(arch, tiny):
     batch = lm_batch(pair)
     batch["attention_mask"] = batch["attention_mask"].at[0, -2:].set(0)
     _assert_same_step(peft_model, batch)
-    _assert_same_step(peft_model, batch, grad_accum_steps=2)
+    _assert_same_step(peft_model, batch, fused_loss_tokens=12)  # 3 positions a slice: 3 slices, padded
+    _assert_same_step(peft_model, batch, grad_accum_steps=2, fused_loss_tokens=4)
 
 
 def test_train_step_fused_loss_trains_a_saved_head(tiny):
@@ -193,6 +202,12 @@ def test_train_step_fused_loss_saves_memory():
         compiled = trainer.step.lower(trainer.init(jax.random.key(0)), trainer.frozen(), batch).compile()
         peaks[fused] = compiled.memory_analysis().temp_size_in_bytes
     assert peaks[True] < peaks[False] - logits_bytes / 2, peaks
+    # smaller slices hold less again
+    trainer = make_train_step(peft_model, optax.adamw(1e-3), fused_loss_tokens=64)
+    compiled = trainer.step.lower(trainer.init(jax.random.key(0)), trainer.frozen(), batch).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < peaks[True] - logits_bytes / 4
+    with pytest.raises(ValueError, match="fused_loss_tokens"):
+        make_train_step(peft_model, optax.adamw(1e-3), fused_loss_tokens=0)
 
 
 class _Out(NamedTuple):
