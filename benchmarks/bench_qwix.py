@@ -115,13 +115,8 @@ def main() -> None:
         targets = common.DEFAULT_TARGETS["llama"]
         runners = {
             "jpeft": steps.jpeft_lora(common.flax_model(shape), batch, r=args.r, targets=targets),
-            "jpeft-plain": steps.jpeft_lora(
-                common.flax_model(shape),
-                batch,
-                r=args.r,
-                targets=targets,
-                name="jpeft-plain",
-                fused_loss=False,
+            "jpeft-plain": steps.jpeft_lora_plain_loss(
+                common.flax_model(shape), batch, r=args.r, targets=targets
             ),
             "qwix": qwix_lora(common.flax_model(shape), batch, r=args.r, targets=targets),
         }

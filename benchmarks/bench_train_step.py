@@ -84,13 +84,8 @@ def main() -> None:
             runners["full-fused"] = steps.jax_full_ft(
                 common.flax_model(shape), batch, name="jax-full-fused", fused_loss=True
             )
-            runners["jpeft-plain"] = steps.jpeft_lora(
-                common.flax_model(shape),
-                batch,
-                r=args.r,
-                targets=targets,
-                name="jpeft-plain",
-                fused_loss=False,
+            runners["jpeft-plain"] = steps.jpeft_lora_plain_loss(
+                common.flax_model(shape), batch, r=args.r, targets=targets
             )
         if args.proto:
             from benchmarks.prototypes import fast_step
