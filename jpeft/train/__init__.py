@@ -5,7 +5,6 @@ from jpeft.train.host import runs_on_cpu, tune_host_allocator
 from jpeft.train.losses import (
     IGNORE_INDEX,
     causal_lm_loss,
-    causal_lm_targets,
     classification_loss,
     fused_causal_lm_loss,
     mean_loss,
@@ -39,7 +38,6 @@ __all__ = [
     "shard_params",
     "Trainer",
     "causal_lm_loss",
-    "causal_lm_targets",
     "classification_loss",
     "loss_for_task",
     "make_train_step",

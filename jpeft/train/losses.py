@@ -46,11 +46,11 @@ def causal_lm_loss(
     """
     # Shift the (small) labels left instead of slicing the (vocab-wide) logits: the slice
     # would copy the whole logits tensor forward and pad it back in the backward pass.
-    targets, valid = causal_lm_targets(labels, attention_mask, ignore_index)
+    targets, valid = _causal_targets(labels, attention_mask, ignore_index)
     return _token_ce(logits, targets, valid)
 
 
-def causal_lm_targets(
+def _causal_targets(
     labels: jax.Array, attention_mask: jax.Array | None = None, ignore_index: int = IGNORE_INDEX
 ) -> tuple[jax.Array, jax.Array]:
     """``(targets, valid)``: the next token of each position (0 where not counted) and whether it counts."""
@@ -115,9 +115,10 @@ def fused_causal_lm_loss(
         ``hidden`` and ``kernel``). Softmax and loss are computed in f32, as the plain loss does.
       precision: the matmul's ``lax.Precision``.
       chunk_size: positions per slice (default: :func:`default_slice_tokens` divided by the batch).
-      grad_scale: the expected cotangent of the returned sum (e.g. ``1 / count``). The per-token
-        gradients are multiplied by it before they are rounded to ``dtype`` and divided back in
-        the backward pass, so fp16 gradients keep their range. Any value gives the same gradients.
+      grad_scale: the expected cotangent of the *mean* loss (sum / count): 1 for a mean loss,
+        the loss scale under fp16 loss scaling. The per-token gradients are multiplied by
+        ``grad_scale / count`` before they are rounded to ``dtype`` and divided back in the
+        backward pass, so fp16 gradients keep their range. Any value gives the same gradients.
       vocab_major: work on ``kernel.T``, i.e. ``(vocab, features)``: set it when ``kernel`` is a
         tied embedding table transposed (then ``kernel.T`` costs nothing, while ``kernel`` itself
         would be copied). Speed only; the result is the same.
@@ -132,7 +133,7 @@ def fused_causal_lm_loss(
         )
     if labels.shape != hidden.shape[:2]:
         raise ValueError(f"labels {labels.shape} do not match hidden states {hidden.shape[:2]}.")
-    targets, valid = causal_lm_targets(labels, attention_mask, ignore_index)
+    targets, valid = _causal_targets(labels, attention_mask, ignore_index)
     batch, length, _ = hidden.shape
     vocab = kernel.shape[1]
     if chunk_size is None:
@@ -141,11 +142,14 @@ def fused_causal_lm_loss(
     chunk_size = -(-length // -(-length // chunk_size))  # the same slice count with the least padding
     compute_dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(hidden, kernel)
     weights = valid.astype(jnp.float32)
-    grad_weight = jnp.asarray(1.0 if grad_scale is None else grad_scale, jnp.float32)
-    total = _linear_cross_entropy(compute_dtype, precision, chunk_size, vocab_major)(
-        hidden, kernel, bias, targets, weights, grad_weight
+    count = jnp.sum(weights)
+    grad_weight = jnp.asarray(1.0 if grad_scale is None else grad_scale, jnp.float32) / jnp.maximum(
+        count, 1.0
     )
-    return total, jnp.sum(weights)
+    total = _linear_cross_entropy(compute_dtype, precision, chunk_size, vocab_major)(
+        hidden, kernel, bias, targets, weights, jax.lax.stop_gradient(grad_weight)
+    )
+    return total, count
 
 
 def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, vocab_major: bool) -> Any:

@@ -185,21 +185,19 @@ def make_train_step(
                 outputs = forward(trainable, frozen_tree, batch, key)
             if head.returned(getattr(outputs, "logits", None)):
                 labels = loss_batch.get("labels", loss_batch["input_ids"])
-                mask = loss_batch.get("attention_mask")
-                _, valid = losses.causal_lm_targets(labels, mask)
                 total, count = losses.fused_causal_lm_loss(
                     head.hidden,
                     head.kernel,
                     labels,
-                    mask,
+                    loss_batch.get("attention_mask"),
                     bias=head.bias,
                     dtype=head.dtype,
                     precision=head.precision,
-                    grad_scale=scale / jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0),
+                    grad_scale=scale,
                     vocab_major=tied_head,
                     chunk_size=None if fused_loss_tokens is None else fused_loss_tokens // labels.shape[0],
                 )
-            elif head.hidden is not None:  # something changed the head's output: the plain path
+            elif head.hidden is not None:  # the model changed the head's output: run it plainly
                 total, count = loss_fn(forward(trainable, frozen_tree, batch, key), loss_batch)
             else:  # no head was called: these are the model's own outputs
                 total, count = loss_fn(outputs, loss_batch)
