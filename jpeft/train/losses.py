@@ -6,8 +6,9 @@ divides. Labels equal to ``ignore_index`` (``-100``, as in transformers) and
 positions where ``attention_mask`` is 0 do not count.
 
 :func:`fused_causal_lm_loss` is the causal-LM loss taken from the LM head's *input*:
-it computes the logits a slice of the sequence at a time, so the vocabulary-wide
-``(batch, length, vocab)`` logits and their gradient never exist whole.
+it computes the logits a chunk of the vocabulary at a time (frozen head) or a slice of
+the sequence at a time (trained head), so the vocabulary-wide ``(batch, length, vocab)``
+logits and their gradient never exist whole.
 """
 
 from __future__ import annotations
@@ -72,13 +73,27 @@ def _causal_targets(
 FUSED_CHUNK_BYTES = 8 << 20
 FUSED_MIN_TOKENS = {"cpu": 256}
 FUSED_MIN_TOKENS_ACCELERATOR = 4096
+# With a frozen head the loss walks the vocabulary instead, reading the head weight once in all:
+# chunks of about FUSED_CHUNK_BYTES of f32 logits, at least FUSED_MIN_COLUMNS columns. On a 2-core
+# Xeon, 2048-8192 columns ran alike at 512 tokens and 1024 was 4% slower (loop overhead); on
+# accelerators each loop iteration costs several kernel launches, hence the larger floor (chosen,
+# not measured).
+FUSED_MIN_COLUMNS = {"cpu": 1024}
+FUSED_MIN_COLUMNS_ACCELERATOR = 8192
 
 
 def default_slice_tokens(vocab: int, platform: str | None = None) -> int:
-    """Tokens per slice of :func:`fused_causal_lm_loss` when ``chunk_size`` is not given."""
+    """Tokens per slice of :func:`fused_causal_lm_loss` (trained head) when ``chunk_size`` is not given."""
     platform = platform or jax.default_backend()
     least = FUSED_MIN_TOKENS.get(platform, FUSED_MIN_TOKENS_ACCELERATOR)
     return max(least, FUSED_CHUNK_BYTES // (4 * vocab))
+
+
+def default_vocab_chunk(tokens: int, platform: str | None = None) -> int:
+    """Vocabulary columns per chunk of :func:`fused_causal_lm_loss` (frozen head) for ``tokens`` tokens."""
+    platform = platform or jax.default_backend()
+    least = FUSED_MIN_COLUMNS.get(platform, FUSED_MIN_COLUMNS_ACCELERATOR)
+    return max(least, FUSED_CHUNK_BYTES // (4 * max(tokens, 1)))
 
 
 def fused_causal_lm_loss(
@@ -92,18 +107,25 @@ def fused_causal_lm_loss(
     dtype: Any = None,
     precision: Any = None,
     chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
     grad_scale: jax.Array | float | None = None,
     vocab_major: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`causal_lm_loss` of ``hidden @ kernel + bias``, without materialising the logits.
 
-    The sequence is cut into slices of ``chunk_size`` positions. For each slice the forward
-    pass computes the logits, their log-sum-exp and, when anything is differentiated, the
-    gradient of the loss with respect to ``hidden`` (and ``kernel``/``bias`` when those are
-    differentiated too: a frozen head costs no weight gradient). The backward pass only
-    scales what the forward kept. So the head's matmuls run once each, as in the plain
-    loss, while the largest buffer is one slice of logits instead of two whole
-    ``(batch, length, vocab)`` f32 tensors.
+    The forward pass computes the loss and, when anything is differentiated, its gradients;
+    the backward pass only scales what the forward kept. The head's matmuls run once each,
+    as in the plain loss, while the largest buffer is one chunk of logits instead of two
+    whole ``(batch, length, vocab)`` f32 tensors. Two ways, chosen by what is differentiated:
+
+    * frozen head (LoRA and the other adapters leave it alone): the vocabulary is walked a
+      chunk of ``vocab_chunk_size`` columns at a time, for all tokens at once, keeping a
+      running max and sum of the exponentials (an online softmax) and the running
+      ``softmax @ kernel.T``, rescaled as the max moves. The head weight is read once in all,
+      and no weight gradient is formed.
+    * trained head (``kernel`` or ``bias`` differentiated): the sequence is cut into slices
+      of ``chunk_size`` positions; each slice's logits give its share of the gradients with
+      respect to ``hidden``, ``kernel`` and ``bias``. Each slice reads the head weight again.
 
     Args:
       hidden: ``(batch, length, features)``, the LM head's input.
@@ -114,7 +136,11 @@ def fused_causal_lm_loss(
       dtype: the dtype of the head's matmul (``nn.Dense``'s ``dtype``; default: promoted from
         ``hidden`` and ``kernel``). Softmax and loss are computed in f32, as the plain loss does.
       precision: the matmul's ``lax.Precision``.
-      chunk_size: positions per slice (default: :func:`default_slice_tokens` divided by the batch).
+      chunk_size: positions per slice when the head is trained (default:
+        :func:`default_slice_tokens` divided by the batch).
+      vocab_chunk_size: vocabulary columns per chunk when the head is frozen (default:
+        :func:`default_vocab_chunk` of the token count); the chunks are evened out, so the
+        vocabulary need not divide.
       grad_scale: the expected cotangent of the *mean* loss (sum / count): 1 for a mean loss,
         the loss scale under fp16 loss scaling. The per-token gradients are multiplied by
         ``grad_scale / count`` before they are rounded to ``dtype`` and divided back in the
@@ -140,20 +166,93 @@ def fused_causal_lm_loss(
         chunk_size = default_slice_tokens(vocab) // batch
     chunk_size = max(1, min(int(chunk_size), length))
     chunk_size = -(-length // -(-length // chunk_size))  # the same slice count with the least padding
+    if vocab_chunk_size is None:
+        vocab_chunk_size = default_vocab_chunk(batch * length)
+    if vocab_chunk_size < 1:
+        raise ValueError(f"`vocab_chunk_size` must be >= 1, got {vocab_chunk_size}.")
+    width = _even_chunk(vocab, int(vocab_chunk_size))
     compute_dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(hidden, kernel)
     weights = valid.astype(jnp.float32)
     count = jnp.sum(weights)
     grad_weight = jnp.asarray(1.0 if grad_scale is None else grad_scale, jnp.float32) / jnp.maximum(
         count, 1.0
     )
-    total = _linear_cross_entropy(compute_dtype, precision, chunk_size, vocab_major)(
+    total = _linear_cross_entropy(compute_dtype, precision, chunk_size, width, vocab_major)(
         hidden, kernel, bias, targets, weights, jax.lax.stop_gradient(grad_weight)
     )
     return total, count
 
 
-def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, vocab_major: bool) -> Any:
+def _even_chunk(vocab: int, most: int) -> int:
+    """Columns per vocabulary chunk: as many chunks as ``most`` columns need, evened out (to 8s)."""
+    if most >= vocab:
+        return vocab
+    chunks = math.ceil(vocab / most)
+    return min(vocab, math.ceil(math.ceil(vocab / chunks) / 8) * 8)
+
+
+def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, width: int, vocab_major: bool) -> Any:
     """``f(hidden, kernel, bias, targets, weights, grad_weight) -> sum of weighted token CE``, custom VJP."""
+
+    def stream(hidden, kernel, bias, targets, weights, grad_weight, need_hidden):
+        """Frozen head: online softmax over vocabulary chunks; ``(total, d_hidden or None)``."""
+        batch, length, features = hidden.shape
+        vocab = kernel.shape[1]
+        x = hidden.reshape(batch * length, features).astype(dtype)
+        t = targets.reshape(-1)
+        wt = weights.reshape(-1)
+        w = (kernel.T if vocab_major else kernel).astype(dtype)  # no copy for a tied head
+        axis = 0 if vocab_major else 1
+        fwd_dims = (((1,), (1,)), ((), ())) if vocab_major else (((1,), (0,)), ((), ()))
+        bwd_dims = (((1,), (0,)), ((), ())) if vocab_major else (((1,), (1,)), ((), ()))
+        b = bias.astype(dtype) if bias is not None else None
+        chunks = -(-vocab // width)
+        overlap = chunks * width > vocab  # the last chunk starts early; its first columns are done
+
+        def body(carry, i):
+            top, total_exp, acc = carry
+            start = jnp.minimum(i * width, vocab - width)
+            w_chunk = lax.dynamic_slice_in_dim(w, start, width, axis=axis)
+            logits = lax.dot_general(x, w_chunk, fwd_dims, precision=precision)
+            if b is not None:
+                logits = logits + lax.dynamic_slice_in_dim(b, start, width)
+            logits = logits.astype(jnp.float32)
+            if overlap:
+                fresh = start + lax.broadcasted_iota(jnp.int32, (1, width), 1) >= i * width
+                logits = jnp.where(fresh, logits, -jnp.inf)
+            new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
+            exp = jnp.exp(logits - new_top[:, None])
+            rescale = jnp.exp(top - new_top)
+            total_exp = total_exp * rescale + jnp.sum(exp, axis=-1)
+            if need_hidden:
+                acc = acc * rescale[:, None] + lax.dot_general(
+                    exp.astype(dtype),
+                    w_chunk,
+                    bwd_dims,
+                    precision=precision,
+                    preferred_element_type=jnp.float32,
+                )
+            return (new_top, total_exp, acc), None
+
+        tokens = x.shape[0]
+        init = (
+            jnp.full((tokens,), -jnp.inf, jnp.float32),
+            jnp.zeros((tokens,), jnp.float32),
+            jnp.zeros((tokens, features), jnp.float32) if need_hidden else None,
+        )
+        (top, total_exp, acc), _ = lax.scan(body, init, jnp.arange(chunks))
+        lse = top + jnp.log(total_exp)
+        # the target's logit (and, for the gradient, its weight row) by gather, rounded as the head rounds
+        w_target = (w[t] if vocab_major else jnp.take(w, t, axis=1).T).astype(jnp.float32)
+        picked = jnp.sum(x.astype(jnp.float32) * w_target, axis=-1).astype(dtype)
+        if b is not None:
+            picked = picked + b[t]
+        total = jnp.sum((lse - picked.astype(jnp.float32)) * wt)
+        d_hidden = None
+        if need_hidden:
+            d_hidden = (acc / total_exp[:, None] - w_target) * (wt * grad_weight)[:, None]
+            d_hidden = d_hidden.reshape(batch, length, features)
+        return total, d_hidden
 
     def run(hidden, kernel, bias, targets, weights, grad_weight, need_hidden, need_kernel, need_bias):
         batch, length, features = hidden.shape
@@ -218,10 +317,22 @@ def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, vocab_major: b
 
     @jax.custom_vjp
     def loss(hidden, kernel, bias, targets, weights, grad_weight):
-        return run(hidden, kernel, bias, targets, weights, grad_weight, False, False, False)[0]
+        return stream(hidden, kernel, bias, targets, weights, grad_weight, False)[0]
 
     def fwd(hidden, kernel, bias, targets, weights, grad_weight):
         need_bias = bias is not None and bias.perturbed
+        if not (kernel.perturbed or need_bias):
+            total, d_hidden = stream(
+                hidden.value,
+                kernel.value,
+                bias.value if bias is not None else None,
+                targets.value,
+                weights.value,
+                grad_weight.value,
+                hidden.perturbed,
+            )
+            d_hidden = d_hidden.astype(hidden.value.dtype) if d_hidden is not None else None
+            return total, (d_hidden, None, None, grad_weight.value)
         total, d_hidden, d_kernel, d_bias = run(
             hidden.value,
             kernel.value,

@@ -93,6 +93,7 @@ def make_train_step(
     return_grads: bool = False,
     fused_loss: bool | None = None,
     fused_loss_tokens: int | None = None,
+    fused_loss_vocab_chunk: int | None = None,
 ) -> Trainer:
     """Builds ``init``/``step`` for training the active adapter of ``peft_model``.
 
@@ -108,18 +109,22 @@ def make_train_step(
       return_grads: also return the step's (unscaled, averaged) gradients as
         ``metrics["grads"]``, e.g. for AdaLoRA's rank allocator beside the step.
       fused_loss: for the built-in causal-LM loss, compute the LM head and its cross-entropy
-        together a slice of the sequence at a time
-        (:func:`jpeft.train.losses.fused_causal_lm_loss`), so the ``(batch, length, vocab)``
-        logits and their gradient are never held whole; same loss and gradients up to
-        rounding. ``None`` (default): on for transformers' causal LMs known to return
-        ``lm_head``'s output as their logits (GPT-2, Llama, Mistral, Gemma, BLOOM, GPT-Neo,
-        GPT-J, OPT, XGLM). ``True``: also for other models whose head is an ``nn.Dense``
+        together a chunk of the vocabulary at a time (a slice of the sequence at a time when
+        the head trains; :func:`jpeft.train.losses.fused_causal_lm_loss`), so the
+        ``(batch, length, vocab)`` logits and their gradient are never held whole; same loss
+        and gradients up to rounding. ``None`` (default): on for transformers' causal LMs
+        known to return ``lm_head``'s output as their logits (GPT-2, Llama, Mistral, Gemma,
+        BLOOM, GPT-Neo, GPT-J, OPT, XGLM). ``True``: also for other models whose head is an ``nn.Dense``
         named ``lm_head`` and whose logits are its output unchanged. It never applies with a
         custom ``loss_fn``, or when an adapter wraps ``lm_head`` (LoRA on ``lm_head``).
-      fused_loss_tokens: tokens per slice of the fused loss (batch x positions; default
-        :func:`jpeft.train.losses.default_slice_tokens`: 256 on CPU, 4096 on accelerators, or
-        about 8 MiB of f32 logits if that is more). Fewer tokens hold less memory; each slice
-        reads the head's weight again.
+      fused_loss_tokens: tokens per slice of the fused loss when the head trains (batch x
+        positions; default :func:`jpeft.train.losses.default_slice_tokens`: 256 on CPU, 4096
+        on accelerators, or about 8 MiB of f32 logits if that is more). Fewer tokens hold
+        less memory; each slice reads the head's weight again.
+      fused_loss_vocab_chunk: vocabulary columns per chunk of the fused loss when the head is
+        frozen (default :func:`jpeft.train.losses.default_vocab_chunk`: about 8 MiB of f32
+        logits, at least 1024 columns on CPU and 8192 on accelerators). Fewer columns hold
+        less memory; the head's weight is read once however many chunks there are.
 
     The jitted step donates its ``state`` argument (adapters and optimizer state are
     updated in place): use the returned state, not the one passed in
@@ -131,8 +136,12 @@ def make_train_step(
     """
     if grad_accum_steps < 1:
         raise ValueError(f"`grad_accum_steps` must be >= 1, got {grad_accum_steps}.")
-    if fused_loss_tokens is not None and fused_loss_tokens < 1:
-        raise ValueError(f"`fused_loss_tokens` must be >= 1, got {fused_loss_tokens}.")
+    for name, value in (
+        ("fused_loss_tokens", fused_loss_tokens),
+        ("fused_loss_vocab_chunk", fused_loss_vocab_chunk),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"`{name}` must be >= 1, got {value}.")
     policy = Policy.from_name(precision)
     config = peft_model.peft_config[peft_model.active_adapters[0]]
     task = config.task_type.value if config.task_type is not None else None
@@ -196,6 +205,7 @@ def make_train_step(
                     grad_scale=scale,
                     vocab_major=tied_head,
                     chunk_size=None if fused_loss_tokens is None else fused_loss_tokens // labels.shape[0],
+                    vocab_chunk_size=fused_loss_vocab_chunk,
                 )
             elif head.hidden is not None:  # the model changed the head's output: run it plainly
                 total, count = loss_fn(forward(trainable, frozen_tree, batch, key), loss_batch)

@@ -56,6 +56,52 @@ def test_fused_loss_equals_plain_loss_and_gradients(chunk_size, vocab_major):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("vocab_chunk_size", [1, 5, 16, 36, 37, None])
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_frozen_head_walks_the_vocabulary_and_equals_plain(vocab_chunk_size, vocab_major):
+    """With the head frozen the loss takes the vocabulary a chunk at a time (online softmax); the
+    chunks are evened out, so a vocabulary of 37 is covered by overlapping chunks (5 of 8, 3 of 16,
+    one of 37) whose overlap must count once."""
+    hidden, kernel, bias, labels, mask = _problem(seed=3)
+    hidden = hidden * 3.0  # logits spread over ~+-20, so the running max really moves
+    head = kernel.T if vocab_major else kernel
+
+    def fused_mean(h):
+        total, count = fused_causal_lm_loss(
+            h,
+            head.T if vocab_major else head,
+            labels,
+            mask,
+            bias=bias,
+            vocab_chunk_size=vocab_chunk_size,
+            vocab_major=vocab_major,
+            grad_scale=0.02,
+        )
+        return total / count
+
+    want = jax.value_and_grad(lambda h: _plain_mean(h, kernel, bias, labels, mask))(hidden)
+    got = jax.jit(jax.value_and_grad(fused_mean))(hidden)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert float(jnp.max(jnp.abs(want[1]))) > 1e-3
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-6)
+    # the forward alone (no gradient) takes the same walk
+    np.testing.assert_allclose(jax.jit(fused_mean)(hidden), want[0], rtol=1e-6)
+
+
+def test_vocab_chunks_are_even_and_bounded():
+    from jpeft.train import losses
+
+    assert losses._even_chunk(37, 5) == 8  # 8 chunks of 5 -> evened to 5 chunks of 8
+    assert losses._even_chunk(50257, 4096) == 3872  # 13 chunks, the last one overlapping by 79
+    assert losses._even_chunk(16384, 4096) == 4096
+    assert losses._even_chunk(1000, 4096) == 1000
+    assert losses.default_vocab_chunk(512, "cpu") == losses.FUSED_CHUNK_BYTES // (4 * 512)
+    assert losses.default_vocab_chunk(1 << 16, "cpu") == 1024
+    assert losses.default_vocab_chunk(1 << 16, "gpu") == 8192
+    with pytest.raises(ValueError, match="vocab_chunk_size"):
+        fused_causal_lm_loss(*_problem()[:2], _problem()[3], vocab_chunk_size=0)
+
+
 def test_fused_loss_counts_and_frozen_head():
     """Same (sum, count) as the plain loss; with the head frozen only ``hidden`` is differentiated."""
     hidden, kernel, bias, labels, mask = _problem(seed=1)
@@ -201,12 +247,13 @@ def test_train_step_fused_loss_saves_memory():
         compiled = trainer.step.lower(trainer.init(jax.random.key(0)), trainer.frozen(), batch).compile()
         peaks[fused] = compiled.memory_analysis().temp_size_in_bytes
     assert peaks[True] < peaks[False] - logits_bytes / 2, peaks
-    # smaller slices hold less again
-    trainer = make_train_step(peft_model, optax.adamw(1e-3), fused_loss_tokens=64)
+    # smaller vocabulary chunks hold less again (the head is frozen: the loss walks the vocabulary)
+    trainer = make_train_step(peft_model, optax.adamw(1e-3), fused_loss_vocab_chunk=1024)
     compiled = trainer.step.lower(trainer.init(jax.random.key(0)), trainer.frozen(), batch).compile()
-    assert compiled.memory_analysis().temp_size_in_bytes < peaks[True] - logits_bytes / 4
-    with pytest.raises(ValueError, match="fused_loss_tokens"):
-        make_train_step(peft_model, optax.adamw(1e-3), fused_loss_tokens=0)
+    assert compiled.memory_analysis().temp_size_in_bytes < peaks[True] - logits_bytes / 8
+    for name in ("fused_loss_tokens", "fused_loss_vocab_chunk"):
+        with pytest.raises(ValueError, match=name):
+            make_train_step(peft_model, optax.adamw(1e-3), **{name: 0})
 
 
 class _Out(NamedTuple):
