@@ -75,7 +75,8 @@ FUSED_MIN_TOKENS = {"cpu": 256}
 FUSED_MIN_TOKENS_ACCELERATOR = 4096
 # With a frozen head the loss walks the vocabulary instead, reading the head weight once in all:
 # chunks of about FUSED_CHUNK_BYTES of f32 logits, at least FUSED_MIN_COLUMNS columns. On a 2-core
-# Xeon, 2048-8192 columns ran alike at 512 tokens and 1024 was 4% slower (loop overhead); on
+# Xeon (benchmarks/bench_loss.py), 2048-4096 columns ran alike at 512 tokens and 1024 was up to 6%
+# slower at 10M-parameter shapes (loop overhead), 2% faster at 120M; on
 # accelerators each loop iteration costs several kernel launches, hence the larger floor (chosen,
 # not measured).
 FUSED_MIN_COLUMNS = {"cpu": 1024}
