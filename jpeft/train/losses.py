@@ -322,29 +322,18 @@ def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, width: int, vo
 
     def fwd(hidden, kernel, bias, targets, weights, grad_weight):
         need_bias = bias is not None and bias.perturbed
-        if not (kernel.perturbed or need_bias):
-            total, d_hidden = stream(
-                hidden.value,
-                kernel.value,
-                bias.value if bias is not None else None,
-                targets.value,
-                weights.value,
-                grad_weight.value,
-                hidden.perturbed,
-            )
-            d_hidden = d_hidden.astype(hidden.value.dtype) if d_hidden is not None else None
-            return total, (d_hidden, None, None, grad_weight.value)
-        total, d_hidden, d_kernel, d_bias = run(
+        values = (
             hidden.value,
             kernel.value,
             bias.value if bias is not None else None,
             targets.value,
             weights.value,
             grad_weight.value,
-            hidden.perturbed,
-            kernel.perturbed,
-            need_bias,
         )
+        if kernel.perturbed or need_bias:
+            total, d_hidden, d_kernel, d_bias = run(*values, hidden.perturbed, kernel.perturbed, need_bias)
+        else:  # a frozen head: walk the vocabulary
+            (total, d_hidden), d_kernel, d_bias = stream(*values, hidden.perturbed), None, None
         # kept in the inputs' dtypes; the backward pass only rescales them
         d_hidden = d_hidden.astype(hidden.value.dtype) if d_hidden is not None else None
         d_kernel = d_kernel.astype(kernel.value.dtype) if d_kernel is not None else None
