@@ -53,9 +53,8 @@ def loss_variants(shape: common.Shape, batch: int, seq: int, trained_head: bool)
     argnums = (0, 1) if trained_head else 0
     fns = {"plain": plain}
     if trained_head:
-        for tokens in (256, 512, batch * seq):
-            if tokens <= batch * seq:
-                fns[f"slices-{tokens}"] = fused(chunk_size=max(1, tokens // batch))
+        for tokens in sorted({t for t in (256, 512, batch * seq) if t <= batch * seq}):
+            fns[f"slices-{tokens}"] = fused(chunk_size=max(1, tokens // batch))
     else:
         fns["vocab-default"] = fused()
         for width in (1024, 2048, 4096, 8192):

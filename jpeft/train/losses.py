@@ -207,7 +207,7 @@ def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, width: int, vo
         fwd_dims = (((1,), (1,)), ((), ())) if vocab_major else (((1,), (0,)), ((), ()))
         bwd_dims = (((1,), (0,)), ((), ())) if vocab_major else (((1,), (1,)), ((), ()))
         b = bias.astype(dtype) if bias is not None else None
-        chunks = -(-vocab // width)
+        chunks = math.ceil(vocab / width)
         overlap = chunks * width > vocab  # the last chunk starts early; its first columns are done
 
         def body(carry, i):

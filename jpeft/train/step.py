@@ -114,9 +114,10 @@ def make_train_step(
         ``(batch, length, vocab)`` logits and their gradient are never held whole; same loss
         and gradients up to rounding. ``None`` (default): on for transformers' causal LMs
         known to return ``lm_head``'s output as their logits (GPT-2, Llama, Mistral, Gemma,
-        BLOOM, GPT-Neo, GPT-J, OPT, XGLM). ``True``: also for other models whose head is an ``nn.Dense``
-        named ``lm_head`` and whose logits are its output unchanged. It never applies with a
-        custom ``loss_fn``, or when an adapter wraps ``lm_head`` (LoRA on ``lm_head``).
+        BLOOM, GPT-Neo, GPT-J, OPT, XGLM). ``True``: also for other models whose head is an
+        ``nn.Dense`` named ``lm_head`` and whose logits are its output unchanged. It never
+        applies with a custom ``loss_fn``, or when an adapter wraps ``lm_head`` (LoRA on
+        ``lm_head``).
       fused_loss_tokens: tokens per slice of the fused loss when the head trains (batch x
         positions; default :func:`jpeft.train.losses.default_slice_tokens`: 256 on CPU, 4096
         on accelerators, or about 8 MiB of f32 logits if that is more). Fewer tokens hold

@@ -98,8 +98,9 @@ def test_vocab_chunks_are_even_and_bounded():
     assert losses.default_vocab_chunk(512, "cpu") == losses.FUSED_CHUNK_BYTES // (4 * 512)
     assert losses.default_vocab_chunk(1 << 16, "cpu") == 1024
     assert losses.default_vocab_chunk(1 << 16, "gpu") == 8192
+    hidden, kernel, _, labels, _ = _problem()
     with pytest.raises(ValueError, match="vocab_chunk_size"):
-        fused_causal_lm_loss(*_problem()[:2], _problem()[3], vocab_chunk_size=0)
+        fused_causal_lm_loss(hidden, kernel, labels, vocab_chunk_size=0)
 
 
 def test_fused_loss_counts_and_frozen_head():
