@@ -43,7 +43,7 @@ from jpeft.core import registry
 from jpeft.core.modules import ModuleInfo
 from jpeft.core.tree import PyTree, count_params, get_path, set_path
 from jpeft.errors import ConfigError
-from jpeft.tuners import base, lora
+from jpeft.tuners import base, lora, lowrank
 
 # PEFT's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING where it differs from LoRA's.
 _ADALORA_DEFAULT_TARGETS = {
@@ -252,8 +252,11 @@ def layer_forward(
     xa = x.astype(a.dtype)
     if train and config.lora_dropout > 0.0:
         xa = base.dropout(xa, config.lora_dropout, key, "lora_dropout")
-    delta = (xa @ (a * e).T) @ b.T
-    return (out + delta * _factor(layer)).astype(out.dtype)
+    if train:
+        delta = lowrank.low_rank(xa, (a * e).T, b.T, _factor(layer))
+    else:
+        delta = ((xa @ (a * e).T) @ b.T) * _factor(layer)
+    return (out + delta).astype(out.dtype)
 
 
 # --------------------------------------------------------------------------- merge

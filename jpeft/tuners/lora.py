@@ -41,7 +41,7 @@ from jpeft.core.tree import PyTree, count_params, get_path, set_path
 from jpeft.errors import ConfigError
 from jpeft.quant.formats import is_quantized
 from jpeft.quant.loftq import loftq_init
-from jpeft.tuners import base
+from jpeft.tuners import base, lowrank
 
 _INITS = ("gaussian", "pissa", "olora", "loftq")
 # PEFT's save_embedding_layers="auto" saves the base weights of these when targeted.
@@ -538,11 +538,11 @@ def layer_forward(
         xa = base.dropout(xa, config.lora_dropout, key, "lora_dropout")
     if not config.use_dora:
         # the scaling goes on the rank-r intermediate, r/out the size of the output (forward and backward)
-        result = ((xa @ lora_a) * s) @ lora_b
+        result = lowrank.product(xa, lora_a, lora_b, s, train=train)
         if "lora_B_bias" in params:
             result = result + params["lora_B_bias"] * s
         return (out + result).astype(out.dtype)
-    lora_out = (xa @ lora_a) @ lora_b
+    lora_out = lowrank.product(xa, lora_a, lora_b, 1.0, train=train)
 
     weight_io = _weight_io(module_params[info.weight_name], info)
     norm = jax.lax.stop_gradient(_dora_weight_norm(weight_io, lora_a, lora_b, s))
