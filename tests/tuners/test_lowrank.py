@@ -99,3 +99,17 @@ def test_cpu_backward_has_no_token_contracting_dot():
 
     assert _token_contracting_dots(compiled(_plain)), "the check no longer sees XLA's form: revisit it"
     assert not _token_contracting_dots(compiled(lowrank.low_rank))
+
+
+def test_both_platform_forms_agree():
+    """The accelerators' form (autodiff's dots) is never run on a CPU test machine: compare it directly."""
+    kx, kd, kh, kg = jax.random.split(jax.random.key(3), 4)
+    x2, dy2 = jax.random.normal(kx, (40, 16)), jax.random.normal(kd, (40, 12))
+    hs2, dh = jax.random.normal(kh, (40, 4)), jax.random.normal(kg, (40, 4))
+    for got, want in zip(
+        jax.jit(lowrank._weight_grads_cpu)(x2, dy2, hs2, dh),
+        lowrank._weight_grads(x2, dy2, hs2, dh),
+        strict=True,
+    ):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
