@@ -3,7 +3,7 @@
 A perturbed torch PEFT LoRA adapter is saved by ``peft``; jpeft loads it trainable and takes one
 ``make_train_step`` step (the fused LM-head loss, or the plain one) with SGD at learning rate 1, so the
 adapter moves by exactly its gradient; the result is saved by jpeft and loaded back by ``peft``. torch
-takes the same step (``model(..., labels=ids).loss.backward()``, ``torch.optim.SGD(lr=1)``). The two
+takes the same step (``model(..., labels=ids).loss.backward()``, ``torch.optim.SGD(lr=1)``); LoRA and DoRA. The two
 trained adapters must agree tensor by tensor, and so must their logits. Tiny Llama has no dropout,
 so train mode is deterministic in both frameworks.
 """
@@ -35,12 +35,14 @@ def _torch_step(pair, folder, inputs):
     return float(loss), lora, parity.torch_logits(model.eval(), inputs)
 
 
-@pytest.mark.parametrize("fused_loss", [True, False], ids=["fused", "plain"])
-def test_one_train_step_matches_torch_peft(fused_loss, tiny, tmp_path):
+@pytest.mark.parametrize(
+    ("fused_loss", "dora"), [(True, False), (False, False), (True, True)], ids=["fused", "plain", "dora"]
+)
+def test_one_train_step_matches_torch_peft(fused_loss, dora, tiny, tmp_path):
     pair = tiny("llama")
     inputs = pair.inputs(batch=2, length=7)
     start = tmp_path / "start"
-    parity.torch_peft_save(pair, LORA, start)
+    parity.torch_peft_save(pair, {**LORA, "use_dora": dora}, start)
 
     model = jpeft.PeftModel.from_pretrained(pair.flax_model, start, is_trainable=True)
     trainer = jpeft.train.make_train_step(model, optax.sgd(1.0), fused_loss=fused_loss)
@@ -57,7 +59,8 @@ def test_one_train_step_matches_torch_peft(fused_loss, tiny, tmp_path):
     before = {
         k: v.numpy() for k, v in parity.torch_peft_load(pair, start).state_dict().items() if "lora_" in k
     }
-    assert jpeft_lora.keys() == torch_lora.keys() and len(torch_lora) == 2 * 2 * 3
+    # A and B (and DoRA's magnitude vector) of 3 modules in 2 layers
+    assert jpeft_lora.keys() == torch_lora.keys() and len(torch_lora) == (3 if dora else 2) * 2 * 3
     moved = max(float(np.max(np.abs(torch_lora[k] - before[k]))) for k in torch_lora)
     assert moved > 1e-3  # the step really moved the adapter (lr 1: by its gradient)
     weights = max(
@@ -65,5 +68,6 @@ def test_one_train_step_matches_torch_peft(fused_loss, tiny, tmp_path):
     )
     logits = parity.assert_close(parity.jax_logits(model, inputs), torch_logits, "logits after one step")
     print(
-        f"train-step parity ({'fused' if fused_loss else 'plain'}): weights {weights:.2e}, logits {logits:.2e}"
+        f"train-step parity ({'fused' if fused_loss else 'plain'}{', DoRA' if dora else ''}):"
+        f" weights {weights:.2e}, logits {logits:.2e}"
     )
