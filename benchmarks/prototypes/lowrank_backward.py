@@ -30,7 +30,7 @@ def autodiff_backward():
     from jpeft.tuners import lowrank
 
     fast = lowrank.low_rank
-    lowrank.low_rank = lambda x, a, b, scale: ((x @ a) * scale) @ b
+    lowrank.low_rank = lowrank.plain
     try:
         yield
     finally:

@@ -252,10 +252,7 @@ def layer_forward(
     xa = x.astype(a.dtype)
     if train and config.lora_dropout > 0.0:
         xa = base.dropout(xa, config.lora_dropout, key, "lora_dropout")
-    if train:
-        delta = lowrank.low_rank(xa, (a * e).T, b.T, _factor(layer))
-    else:
-        delta = ((xa @ (a * e).T) @ b.T) * _factor(layer)
+    delta = lowrank.product(xa, (a * e).T, b.T, _factor(layer), train=train)
     return (out + delta).astype(out.dtype)
 
 

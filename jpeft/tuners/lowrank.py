@@ -21,6 +21,11 @@ import numbers
 import jax
 
 
+def plain(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """The expression itself, differentiated by JAX (forward mode included)."""
+    return ((x @ a) * scale) @ b
+
+
 def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     """``((x @ a) * scale) @ b`` for ``x (..., in)``, ``a (in, r)``, ``b (r, out)`` of one dtype.
 
@@ -34,13 +39,13 @@ def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Arra
         or x.ndim < 1
         or not (x.dtype == a.dtype == b.dtype)
     ):
-        return ((x @ a) * scale) @ b
+        return plain(x, a, b, scale)
     return _low_rank(x, a, b, float(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    return ((x @ a) * scale) @ b
+    return plain(x, a, b, scale)
 
 
 def _forward(x, a, b, scale):
@@ -76,10 +81,8 @@ _low_rank.defvjp(_forward, _backward)
 
 
 def product(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, *, train: bool) -> jax.Array:
-    """:func:`low_rank` in training, the plain expression (forward-mode differentiable) otherwise."""
-    if train:
-        return low_rank(x, a, b, scale)
-    return ((x @ a) * scale) @ b
+    """:func:`low_rank` in training, :func:`plain` (forward-mode differentiable) otherwise."""
+    return low_rank(x, a, b, scale) if train else plain(x, a, b, scale)
 
 
-__all__ = ["low_rank", "product"]
+__all__ = ["low_rank", "plain", "product"]
