@@ -116,7 +116,7 @@ class HFFlaxBinding:
         train: bool,
         dropout_rng: jax.Array | None,
     ) -> Any:
-        with hooked(hook, names, remat=self.remat):
+        with hooked(hook, names, remat=self.remat, train=train):
             return self.model(*args, params=params, dropout_rng=dropout_rng, train=train, **kwargs)
 
     def generate(
@@ -129,7 +129,7 @@ class HFFlaxBinding:
     ) -> Any:
         if not hasattr(self.model, "generate") or not self.model.can_generate():
             raise TypeError(f"{self.class_name} cannot generate (it has no language-modelling head).")
-        with hooked(hook, names):
+        with hooked(hook, names, train=False):
             return self.model.generate(*args, params=params, **kwargs)
 
     def enable_gradient_checkpointing(self) -> None:

@@ -18,8 +18,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax.core import meta as flax_meta
+from flax.linen import dtypes as flax_dtypes
 
+from jpeft.core import dots
 from jpeft.core.modules import ModuleInfo, module_name
 from jpeft.core.tree import Path, PyTree, iter_leaves, to_plain_dict
 
@@ -135,16 +139,55 @@ def _remat_call(module: nn.Module, name: str, args: tuple[Any, ...], kwargs: dic
     return nn.checkpoint(run)(module, *(args[i] for i in traced))
 
 
+def _bf16_linear(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], train: bool) -> Any:
+    """A bf16 ``nn.Dense``/transformers ``FlaxConv1D`` call through :func:`jpeft.core.dots.dense`, else ``None``.
+
+    Same inputs, weights and dtype rules as the layer's own ``__call__``; only the matmul differs
+    (it accumulates in float32, so XLA:CPU runs it on the bf16 units). Any other layer, dtype or
+    call form returns ``None`` and runs as written.
+    """
+    if len(args) != 1 or kwargs or getattr(module, "dtype", None) != jnp.bfloat16:
+        return None
+    cls = type(module)
+    if cls is nn.Dense:
+        if (
+            module.dot_general is not None
+            or module.dot_general_cls is not None
+            or module.promote_dtype is not flax_dtypes.promote_dtype
+        ):
+            return None
+        kernel_axis = 0
+    elif cls.__name__ == "FlaxConv1D" and cls.__module__.startswith("transformers."):
+        kernel_axis = 1  # (out, in), transposed by the layer before its matmul
+    else:
+        return None
+    params = module.variables.get("params", {})
+    if not set(params) <= {"kernel", "bias"} or "kernel" not in params:
+        return None
+    kernel = flax_meta.unbox(params["kernel"])  # a quantized kernel decodes here, as in ``self.param``
+    bias = flax_meta.unbox(params["bias"]) if "bias" in params else None
+    if not isinstance(kernel, jax.Array) or kernel.ndim != 2 or (bias is not None and bias.ndim != 1):
+        return None
+    x = jnp.asarray(args[0], jnp.bfloat16)
+    kernel = kernel.astype(jnp.bfloat16)
+    if x.ndim < 1 or x.shape[-1] != kernel.shape[kernel_axis]:
+        return None
+    y = dots.dense(x, kernel, kernel_axis=kernel_axis, precision=module.precision, train=train)
+    if bias is not None:
+        y = y + bias.astype(jnp.bfloat16)
+    return y
+
+
 @contextlib.contextmanager
-def hooked(hook: Hook | None, names: frozenset[str], *, remat: bool = False) -> Iterator[None]:
+def hooked(
+    hook: Hook | None, names: frozenset[str], *, remat: bool = False, train: bool = True
+) -> Iterator[None]:
     """Runs the enclosed linen calls with ``hook`` applied to the modules named in ``names``.
 
     With ``remat``, every repeated block (a module whose name ends in its list index,
-    e.g. ``transformer.h.3``) is rematerialised in the backward pass.
+    e.g. ``transformer.h.3``) is rematerialised in the backward pass. bf16 linear layers run
+    their matmul through :func:`jpeft.core.dots.dense` (``train`` picks its training form).
     """
-    if (hook is None or not names) and not remat:
-        yield
-        return
 
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name != "__call__":
@@ -152,7 +195,9 @@ def hooked(hook: Hook | None, names: frozenset[str], *, remat: bool = False) -> 
         name = ".".join(context.module.path)
         if remat and _BLOCK.fullmatch(name) and getattr(_inside_remat, "name", None) != name:
             return _remat_call(context.module, name, args, kwargs)
-        out = next_fun(*args, **kwargs)
+        out = _bf16_linear(context.module, args, kwargs, train)
+        if out is None:
+            out = next_fun(*args, **kwargs)
         if hook is not None and name in names:
             return hook(name, args[0], out)
         return out
@@ -288,7 +333,7 @@ class LinenBinding:
         dropout_rng: jax.Array | None,
     ) -> Any:
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-        with hooked(hook, names, remat=self.remat):
+        with hooked(hook, names, remat=self.remat, train=train):
             return self.module.apply({"params": params, **self.other_variables}, *args, rngs=rngs, **kwargs)
 
     def with_params(self, params: PyTree) -> tuple[nn.Module, PyTree]:

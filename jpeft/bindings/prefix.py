@@ -407,7 +407,7 @@ def _run_seq2seq(
         )
     decoder_ids = jnp.asarray(decoder_ids)
     batch, length = decoder_ids.shape
-    with hooked(None, frozenset(), remat=binding.remat):
+    with hooked(None, frozenset(), remat=binding.remat, train=train):
         encoder = model.encode(input_ids, attention_mask, kw.get("position_ids"), return_dict=True, **common)
         decoder = model.decode(
             decoder_ids,

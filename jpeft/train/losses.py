@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jpeft.core import dots
+
 IGNORE_INDEX = -100
 
 
@@ -214,7 +216,7 @@ def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, width: int, vo
             top, total_exp, acc = carry
             start = jnp.minimum(i * width, vocab - width)
             w_chunk = lax.dynamic_slice_in_dim(w, start, width, axis=axis)
-            logits = lax.dot_general(x, w_chunk, fwd_dims, precision=precision)
+            logits = dots.dot(x, w_chunk, fwd_dims, precision)
             if b is not None:
                 logits = logits + lax.dynamic_slice_in_dim(b, start, width)
             logits = logits.astype(jnp.float32)
@@ -276,7 +278,7 @@ def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, width: int, vo
         def body(carry, xs):
             total, d_kernel, d_bias = carry
             h, t, wt = xs
-            logits = lax.dot_general(h.astype(dtype), w, fwd_dims, precision=precision)
+            logits = dots.dot(h.astype(dtype), w, fwd_dims, precision)
             if b is not None:
                 logits = logits + b
             logits = logits.astype(jnp.float32)
@@ -289,7 +291,7 @@ def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, width: int, vo
                 d_logits = (jnp.exp(logits - lse[..., None]) - onehot) * (wt * grad_weight)[..., None]
                 d_logits = d_logits.astype(dtype)
                 if need_hidden:
-                    d_hidden = lax.dot_general(d_logits, w, bwd_dims, precision=precision)
+                    d_hidden = dots.dot(d_logits, w, bwd_dims, precision)
                 if need_kernel:  # accumulated in the loop's layout, transposed back once at the end
                     pair = (d_logits, h.astype(dtype)) if vocab_major else (h.astype(dtype), d_logits)
                     d_kernel = d_kernel + lax.dot_general(
