@@ -27,6 +27,7 @@ Usage::
     python benchmarks/bench_train_step.py --quick            # 10M shapes, ~2 min
     python benchmarks/bench_train_step.py                    # 10M/40M/120M GPT-2 and Llama, ~10 min idle
     python benchmarks/bench_train_step.py --threads 1 --proto fast
+    python benchmarks/bench_train_step.py --precision bf16   # bf16 models on both sides, bf16 jnp.dot peak
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def main() -> None:
     parser.add_argument("--proto", default=None, help="also time this prototype (e.g. fast, fast-bf16)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch side")
     parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: bf16 models (Flax dtype, torch .to(bfloat16)), jpeft precision='bf16', bf16 jnp.dot peak",
+    )
+    parser.add_argument(
         "--no-loss-variants",
         action="store_true",
         help="skip full-fused and jpeft-plain (the fused-loss comparison)",
@@ -67,6 +74,13 @@ def main() -> None:
     else:
         shapes = [f"{a}-{s}" for s in ("10m", "40m", "120m") for a in ("gpt2", "llama")]
     n = args.steps or (5 if args.quick else 7)
+    bf16 = args.precision == "bf16"
+    precision = "bf16" if bf16 else None
+
+    def model(shape):
+        import jax.numpy as jnp
+
+        return common.flax_model(shape, dtype=jnp.bfloat16 if bf16 else None)
 
     ratio_rows, detail_rows, mfu_rows = [], [], []
 
@@ -74,23 +88,33 @@ def main() -> None:
         shape = common.SHAPES[name]
         batch = common.token_batch(shape, args.batch, args.seq)
         targets = common.DEFAULT_TARGETS[shape.arch]
-        runners = {"jpeft": steps.jpeft_lora(common.flax_model(shape), batch, r=args.r, targets=targets)}
+        runners = {
+            "jpeft": steps.jpeft_lora(model(shape), batch, r=args.r, targets=targets, precision=precision)
+        }
         if not args.no_torch:
-            runners["torch"] = steps.torch_peft_lora(shape, batch, r=args.r, targets=targets)
-        runners["full"] = steps.jax_full_ft(common.flax_model(shape), batch)
+            runners["torch"] = steps.torch_peft_lora(shape, batch, r=args.r, targets=targets, bf16=bf16)
+            if bf16:  # torch's bf16 CPU step can be slower than its fp32 one: show both
+                runners["torch-fp32"] = steps.torch_peft_lora(shape, batch, r=args.r, targets=targets)
+        runners["full"] = steps.jax_full_ft(model(shape), batch)
         if not args.no_loss_variants:
             runners["full-fused"] = steps.jax_full_ft(
-                common.flax_model(shape), batch, name="jax-full-fused", fused_loss=True
+                model(shape), batch, name="jax-full-fused", fused_loss=True
             )
-            runners["jpeft-plain"] = steps.jpeft_lora_plain_loss(
-                common.flax_model(shape), batch, r=args.r, targets=targets
+            runners["jpeft-plain"] = steps.jpeft_lora(
+                model(shape),
+                batch,
+                r=args.r,
+                targets=targets,
+                precision=precision,
+                name="jpeft-plain",
+                fused_loss=False,
             )
         if args.proto:
             from benchmarks.prototypes import fast_step
 
             runners["proto"] = fast_step.build(shape, batch, r=args.r, targets=targets, variant=args.proto)
         mem = {k: common.jax_memory(r.compiled) for k, r in runners.items() if r.compiled is not None}
-        dot_run, dot_flops = common.matmul_step(2048)
+        dot_run, dot_flops = common.matmul_step(2048, "bfloat16" if bf16 else "float32")
         variants = {k: r.run for k, r in runners.items()}
         times = common.time_interleaved({**variants, "jnp.dot": dot_run}, n=n, warmup=args.warmup)
         dot_peak = dot_flops / common.median(times.pop("jnp.dot"))
@@ -110,6 +134,7 @@ def main() -> None:
                 f"{mem['jpeft']['peak'] / mem['full']['peak']:.2f} "
                 f"({mem['jpeft']['peak'] / mem[leanest_full]['peak']:.2f})",
                 f"{flops / med['jpeft'] / dot_peak:.2f} ({dot_peak / 1e9:.0f})",
+                f"{med['jpeft'] / med['torch-fp32']:.2f}" if "torch-fp32" in med else "n/a",
                 f"{med['proto'] / med['torch']:.2f}" if "proto" in med and "torch" in med else "n/a",
                 f"{med['proto'] / med['full']:.2f}" if "proto" in med else "n/a",
             )
@@ -140,7 +165,7 @@ def main() -> None:
         del runners
         jax.clear_caches()
 
-    setting = f"threads={threads}, batch={args.batch}, seq={args.seq}, r={args.r}, median of {n} after {args.warmup}"
+    setting = f"{args.precision}, threads={threads}, batch={args.batch}, seq={args.seq}, r={args.r}, median of {n} after {args.warmup}"
     common.print_table(
         f"ratios ({setting})",
         [
@@ -150,6 +175,7 @@ def main() -> None:
             "jpeft/full time (<=0.75) (vs faster full)",
             "jpeft/full mem (<=0.6) (vs leaner full)",
             "MFU vs jnp.dot (>=0.6) (dot GFLOP/s)",
+            "jpeft/torch-fp32",
             "proto/torch",
             "proto/full",
         ],

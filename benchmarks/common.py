@@ -268,14 +268,19 @@ def matmul_step(size: int = 2048, dtype: str = "float32") -> tuple[Callable[[], 
 
     Timed among the steps (A B C dot A B C dot ...), the reference sees the same machine state as
     the steps it is compared with, which a single measurement at start-up does not on a VM whose
-    speed drifts during a run.
+    speed drifts during a run. A bfloat16 dot accumulates in float32 (``preferred_element_type``),
+    the form that reaches the CPU's bf16 units (:mod:`jpeft.core.dots`); a bf16-result ``jnp.dot``
+    runs at float32 speed there and would understate the machine.
     """
     import jax
     import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (size, size), dtype)
     b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-    f = jax.jit(jnp.dot)
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    else:
+        f = jax.jit(jnp.dot)
     f(a, b).block_until_ready()
     return (lambda: f(a, b).block_until_ready()), 2.0 * size**3
 

@@ -120,12 +120,17 @@ def jax_full_ft(
     With ``fused_loss`` the loss is jpeft's :func:`~jpeft.train.losses.fused_causal_lm_loss` on the LM
     head's input (captured with :func:`~jpeft.bindings.linen.capture_lm_head`), the same loss the
     jpeft step uses, here also computing the head's weight gradient: full fine-tuning at its leanest.
+
+    The forward runs inside jpeft's layer interceptor with no adapters (``hooked``), so a bf16 model's
+    linear layers get the same float32-accumulating matmuls as jpeft's step
+    (:mod:`jpeft.core.dots`) and the jpeft/full ratios compare LoRA with full training, not two
+    matmul paths; for a float32 model it changes nothing.
     """
     import jax
     import optax
 
     import jpeft
-    from jpeft.bindings.linen import capture_lm_head
+    from jpeft.bindings.linen import capture_lm_head, hooked
 
     tx = optax.adamw(lr)
     params = jax.tree.map(jax.numpy.asarray, model.params)
@@ -136,9 +141,10 @@ def jax_full_ft(
 
     def loss_fn(p, b, key):
         if not fused_loss:
-            logits = model(**b, params=p, train=True, dropout_rng=key).logits
+            with hooked(None, frozenset(), train=True):
+                logits = model(**b, params=p, train=True, dropout_rng=key).logits
             return causal_loss(logits, b["input_ids"], b["attention_mask"])
-        with capture_lm_head() as head:
+        with capture_lm_head() as head, hooked(None, frozenset(), train=True):
             out = model(**b, params=p, train=True, dropout_rng=key)
         assert head.returned(out.logits), "the model changed its LM head's output"
         total, count = jpeft.train.fused_causal_lm_loss(
@@ -173,12 +179,20 @@ def torch_peft_lora(
     lr: float = 1e-4,
     name: str = "torch-peft",
     layers: int | None = None,
+    bf16: bool = False,
 ) -> Runner:
-    """torch PEFT LoRA on the same shapes: ``peft.get_peft_model`` + ``torch.optim.AdamW``, train mode."""
+    """torch PEFT LoRA on the same shapes: ``peft.get_peft_model`` + ``torch.optim.AdamW``, train mode.
+
+    With ``bf16`` the base model is cast to bfloat16 first (PEFT keeps the adapters in float32,
+    its ``autocast_adapter_dtype`` default), as jpeft's ``precision="bf16"`` keeps bf16 base weights
+    and float32 master adapters.
+    """
     import peft
     import torch
 
     model = common.torch_model(shape, layers)
+    if bf16:
+        model = model.to(torch.bfloat16)
     model = peft.get_peft_model(
         model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0)
     )
