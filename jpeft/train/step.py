@@ -19,6 +19,7 @@ whole batch.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -82,6 +83,23 @@ def model_inputs(
     return inputs
 
 
+def _warn_if_model_computes_in_float32(peft_model: Any, policy: Policy) -> None:
+    """transformers' Flax layers compute in the model's ``dtype``, whatever the weights' dtype."""
+    model = getattr(peft_model._binding, "model", None)
+    model_dtype = getattr(model, "dtype", None)  # a transformers Flax model's compute dtype
+    wanted = jnp.dtype(policy.compute_dtype)
+    if model_dtype is None or wanted == jnp.float32 or jnp.dtype(model_dtype) != jnp.float32:
+        return
+    warnings.warn(
+        f"a {wanted.name} precision policy casts the weights to {wanted.name}, but {type(model).__name__} computes "
+        f"in its own dtype, float32, so its matmuls stay float32. Load the model with "
+        f"`dtype=jnp.{wanted.name}` (e.g. `from_pretrained(path, dtype=jnp.{wanted.name})`; the params stay "
+        "float32) to compute in it.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def make_train_step(
     peft_model: Any,
     optimizer: optax.GradientTransformation,
@@ -104,7 +122,10 @@ def make_train_step(
         ``task_type`` (causal LM when unset), see :mod:`jpeft.train.losses`.
       grad_accum_steps: micro-batches per step (the batch's leading axis must divide).
       precision: ``"fp32"`` (default), ``"bf16"``, ``"fp16"`` (with dynamic loss
-        scaling) or a :class:`Policy`.
+        scaling) or a :class:`Policy`. It sets the dtype of the weights in the forward;
+        transformers' Flax layers compute in the model's own ``dtype``, so load the model with
+        ``dtype=jnp.bfloat16`` (params stay float32) for bf16 matmuls: a float32-dtype model
+        gets a warning (``jpeft train --precision bf16`` loads it so).
       jit: compile the step (the frozen tree and batch are traced arguments).
       return_grads: also return the step's (unscaled, averaged) gradients as
         ``metrics["grads"]``, e.g. for AdaLoRA's rank allocator beside the step.
@@ -144,6 +165,7 @@ def make_train_step(
         if value is not None and value < 1:
             raise ValueError(f"`{name}` must be >= 1, got {value}.")
     policy = Policy.from_name(precision)
+    _warn_if_model_computes_in_float32(peft_model, policy)
     config = peft_model.peft_config[peft_model.active_adapters[0]]
     task = config.task_type.value if config.task_type is not None else None
     if fused_loss is None:

@@ -9,6 +9,8 @@ tiny GPT-2, BERT and BART have the usual 0.1 dropout, which the step keys from
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -467,9 +469,28 @@ def test_classification_training_on_bert(tiny):
 # --------------------------------------------------------------------------- mixed precision
 
 
+def bf16_model(pair):
+    """The tiny pair's Flax model computing in bf16 (transformers' ``dtype``; params stay float32)."""
+    model = pair.flax_class(pair.flax_model.config, dtype=jnp.bfloat16, seed=0)
+    model.params = pair.flax_model.params
+    return model
+
+
+def test_bf16_policy_warns_when_the_model_computes_in_float32(tiny):
+    pair = tiny("llama")
+    with pytest.warns(UserWarning, match="computes in its own dtype, float32.*dtype=jnp.bfloat16"):
+        make_train_step(lora_model(pair, ATTENTION["llama"]), optax.adam(1e-2), precision="bf16")
+    config = jpeft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION["llama"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_train_step(jpeft.get_peft_model(bf16_model(pair), config), optax.adam(1e-2), precision="bf16")
+        make_train_step(lora_model(pair, ATTENTION["llama"]), optax.adam(1e-2))  # fp32: nothing to say
+
+
 def test_bf16_keeps_fp32_master_weights(tiny):
     pair = tiny("llama")
-    peft_model = lora_model(pair, ATTENTION["llama"])
+    config = jpeft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION["llama"], task_type="CAUSAL_LM")
+    peft_model = jpeft.get_peft_model(bf16_model(pair), config)
     batch = lm_batch(pair)
     trainer = make_train_step(peft_model, optax.adam(1e-2), precision="bf16")
     state = trainer.init(jax.random.key(0))
