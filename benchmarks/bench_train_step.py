@@ -100,14 +100,8 @@ def main() -> None:
             runners["full-fused"] = steps.jax_full_ft(
                 model(shape), batch, name="jax-full-fused", fused_loss=True
             )
-            runners["jpeft-plain"] = steps.jpeft_lora(
-                model(shape),
-                batch,
-                r=args.r,
-                targets=targets,
-                precision=precision,
-                name="jpeft-plain",
-                fused_loss=False,
+            runners["jpeft-plain"] = steps.jpeft_lora_plain_loss(
+                model(shape), batch, r=args.r, targets=targets, precision=precision
             )
         if args.proto:
             from benchmarks.prototypes import fast_step

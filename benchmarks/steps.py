@@ -94,9 +94,13 @@ def jpeft_lora(
     )
 
 
-def jpeft_lora_plain_loss(model: Any, batch: Mapping[str, Any], *, r: int, targets: Sequence[str]) -> Runner:
+def jpeft_lora_plain_loss(
+    model: Any, batch: Mapping[str, Any], *, r: int, targets: Sequence[str], precision: str | None = None
+) -> Runner:
     """jpeft's step with ``fused_loss=False``: the logits materialised, the loss on them (as qwix's step)."""
-    return jpeft_lora(model, batch, r=r, targets=targets, name="jpeft-plain", fused_loss=False)
+    return jpeft_lora(
+        model, batch, r=r, targets=targets, precision=precision, name="jpeft-plain", fused_loss=False
+    )
 
 
 def causal_loss(logits: Any, input_ids: Any, attention_mask: Any) -> Any:

@@ -31,10 +31,12 @@ class CliError(JpeftError):
 def load_causal_lm(name: str, seed: int = 0, dtype: Any = None) -> tuple[Any, Any]:
     """``(flax model, tokenizer)`` for ``builtin``, a local transformers folder, or a Hub id.
 
-    ``dtype`` is the model's compute dtype (transformers' Flax ``dtype``; params stay float32):
+    ``dtype`` is the model's compute dtype (transformers' Flax ``dtype``; params stay float32);
     ``None`` is float32.
     """
-    dtype_kw = {} if dtype is None else {"dtype": dtype}
+    import jax.numpy as jnp
+
+    dtype = jnp.float32 if dtype is None else dtype
     warnings.filterwarnings("ignore", message="TensorFlow and JAX classes are deprecated")
     from transformers import logging as hf_logging
 
@@ -55,7 +57,7 @@ def load_causal_lm(name: str, seed: int = 0, dtype: Any = None) -> tuple[Any, An
             eos_token_id=10,
         )
         config._name_or_path = "jpeft-builtin-tiny-gpt2"
-        return FlaxGPT2LMHeadModel(config, seed=seed, **dtype_kw), ByteTokenizer()
+        return FlaxGPT2LMHeadModel(config, seed=seed, dtype=dtype), ByteTokenizer()
     from transformers import AutoTokenizer, FlaxAutoModelForCausalLM
 
     path = Path(name)
@@ -67,7 +69,7 @@ def load_causal_lm(name: str, seed: int = 0, dtype: Any = None) -> tuple[Any, An
         )
     from_pt = path.is_dir() and not (path / "flax_model.msgpack").exists()
     try:
-        model = FlaxAutoModelForCausalLM.from_pretrained(name, from_pt=from_pt, **dtype_kw)
+        model = FlaxAutoModelForCausalLM.from_pretrained(name, from_pt=from_pt, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise CliError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
@@ -150,7 +152,6 @@ def train(args: argparse.Namespace) -> int:
         # before the first JAX computation: XLA:CPU's per-step buffers are then reused, not re-faulted
         tune_host_allocator(warn=False)
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
     from tqdm import tqdm
@@ -163,8 +164,9 @@ def train(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # the layers compute in the model's dtype: a bf16/fp16 run loads the model in it
-    compute_dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16}.get(args.precision)
-    model, tokenizer = load_causal_lm(args.model, args.seed, dtype=compute_dtype)
+    model, tokenizer = load_causal_lm(
+        args.model, args.seed, dtype=jt.Policy.from_name(args.precision).compute_dtype
+    )
     texts = load_texts(args.data, text_field=args.text_field) if args.data else builtin_corpus()
     separator = getattr(tokenizer, "eos_token_id", None) or 0
     rows = pack(texts, tokenizer.encode, args.seq_len, separator)
@@ -289,7 +291,7 @@ def train(args: argparse.Namespace) -> int:
     print(f"adapter saved (PEFT layout): {adapter_dir}")
     if args.skip_checks:
         return 0
-    return _after_training(args, peft_model, tokenizer, adapter_dir, eval_rows)
+    return _after_training(args, model, peft_model, tokenizer, adapter_dir, eval_rows)
 
 
 def _check_layout(args: argparse.Namespace, devices: int) -> None:
@@ -324,24 +326,18 @@ def _write_history(out: Path, history: list[dict[str, float]]) -> None:
     write_files(out, {"metrics.jsonl": "".join(json.dumps(h) + "\n" for h in history).encode()})
 
 
-def _after_training(args, peft_model, tokenizer, adapter_dir: Path, eval_rows) -> int:
-    """Reload, generate a sample, and check torch PEFT agrees."""
+def _after_training(args, model, peft_model, tokenizer, adapter_dir: Path, eval_rows) -> int:
+    """Reload (onto ``model``, the base as trained), generate a sample, and check torch PEFT agrees."""
     import jax.numpy as jnp
     import numpy as np
 
     import jpeft
 
-    fresh, _ = load_causal_lm(args.model, args.seed)
-    loaded = jpeft.PeftModel.from_pretrained(fresh, adapter_dir)
     probe = np.asarray(eval_rows[:2])
-    # the round trip, in the dtype the model trained in; generation and the torch check in float32
-    compute_dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16}.get(getattr(args, "precision", None))
-    same = loaded
-    if compute_dtype is not None:
-        same = jpeft.PeftModel.from_pretrained(
-            load_causal_lm(args.model, args.seed, dtype=compute_dtype)[0], adapter_dir
-        )
-    reload_diff = float(jnp.abs(same(probe).logits - peft_model(probe).logits).max())
+    reloaded = jpeft.PeftModel.from_pretrained(model, adapter_dir)  # the round trip, in the training dtype
+    reload_diff = float(jnp.abs(reloaded(probe).logits - peft_model(probe).logits).max())
+    fresh, _ = load_causal_lm(args.model, args.seed)  # float32: the sample and the torch check
+    loaded = jpeft.PeftModel.from_pretrained(fresh, adapter_dir)
     print(f"reloaded adapter: max |logits diff| = {reload_diff:.2e}")
     prompt_ids = np.asarray([tokenizer.encode(args.prompt)], dtype=np.int32)
     import jax
