@@ -123,11 +123,7 @@ def xla_replay(gemms):
 
 
 def main() -> None:
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=None, choices=sorted(common.SHAPES))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--r", type=int, default=8)
+    parser = common.step_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     threads = common.setup(args.threads, args.xla_flags, args.host_allocator)
     import jax
@@ -136,12 +132,7 @@ def main() -> None:
 
     common.setup_torch()
     print(common.describe_machine())
-    if args.shapes:
-        shapes = args.shapes
-    elif args.quick:
-        shapes = ["gpt2-10m", "llama-10m"]
-    else:
-        shapes = [f"{a}-{s}" for s in ("10m", "40m", "120m") for a in ("gpt2", "llama")]
+    shapes = common.pick_shapes(args)
     n = args.steps or (5 if args.quick else 7)
     rows, detail = [], []
     for name in shapes:

@@ -62,12 +62,8 @@ def child(args) -> None:
 
 
 def main() -> None:
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=None, choices=sorted(common.SHAPES))
+    parser = common.step_parser(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=None, help="children per setting and shape")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--child", action="store_true", help=_hidden())
     parser.add_argument("--shape", default="gpt2-10m", help=_hidden())
     args = parser.parse_args()

@@ -92,11 +92,7 @@ def run_shape(name: str, args, n: int) -> tuple[tuple, tuple]:
 
 
 def main() -> None:
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=None, choices=sorted(common.SHAPES))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--r", type=int, default=8)
+    parser = common.step_parser(__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args()
     threads = common.setup(args.threads, args.xla_flags, args.host_allocator)

@@ -41,11 +41,7 @@ from benchmarks import common  # noqa: E402  (sets thread affinity before jax st
 
 
 def main() -> None:
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=None, choices=sorted(common.SHAPES))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--r", type=int, default=8)
+    parser = common.step_parser(__doc__.splitlines()[0])
     parser.add_argument("--proto", default=None, help="also time this prototype (e.g. fast, fast-bf16)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch side")
     parser.add_argument(
@@ -67,12 +63,7 @@ def main() -> None:
 
     common.setup_torch()
     print(common.describe_machine())
-    if args.shapes:
-        shapes = args.shapes
-    elif args.quick:
-        shapes = ["gpt2-10m", "llama-10m"]
-    else:
-        shapes = [f"{a}-{s}" for s in ("10m", "40m", "120m") for a in ("gpt2", "llama")]
+    shapes = common.pick_shapes(args)
     n = args.steps or (5 if args.quick else 7)
     bf16 = args.precision == "bf16"
     precision = "bf16" if bf16 else None

@@ -162,6 +162,27 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def step_parser(description: str) -> argparse.ArgumentParser:
+    """:func:`base_parser` plus what the training-step scripts take: ``--shapes``, ``--batch``,
+    ``--seq`` (tokens per row) and ``--r`` (LoRA rank)."""
+    parser = base_parser(description)
+    parser.add_argument("--shapes", nargs="+", default=None, choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--r", type=int, default=8)
+    return parser
+
+
+def pick_shapes(
+    args: argparse.Namespace, quick: Sequence[str] | None = None, full: Sequence[str] | None = None
+) -> list[str]:
+    """``--shapes`` if given, else ``quick`` under ``--quick`` (default :data:`QUICK_SHAPES`), else
+    ``full`` (default :data:`ALL_SHAPES`)."""
+    if args.shapes:
+        return list(args.shapes)
+    return list((quick or QUICK_SHAPES) if args.quick else (full or ALL_SHAPES))
+
+
 # --------------------------------------------------------------------------- timing
 
 
@@ -388,6 +409,8 @@ SHAPES: dict[str, Shape] = {
 }
 
 DEFAULT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+ALL_SHAPES = [f"{a}-{s}" for s in ("10m", "40m", "120m") for a in ("gpt2", "llama")]
+QUICK_SHAPES = ["gpt2-10m", "llama-10m"]
 
 
 def flax_model(shape: Shape, layers: int | None = None, seed: int = 0, dtype: Any = None) -> Any:

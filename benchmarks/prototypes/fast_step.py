@@ -142,12 +142,8 @@ def _plain(peft_model: Any, batch: Mapping[str, Any], steps: Any) -> Any:
 
 
 def main() -> None:
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=None, choices=sorted(common.SHAPES))
+    parser = common.step_parser(__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--r", type=int, default=8)
     args = parser.parse_args()
     threads = common.setup(args.threads, args.xla_flags, args.host_allocator)
     import jax
