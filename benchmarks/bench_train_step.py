@@ -107,6 +107,8 @@ def main() -> None:
         best_full = min(("full", "full-fused"), key=lambda k: med.get(k, float("inf")))
         leanest_full = min(("full", "full-fused"), key=lambda k: mem[k]["peak"] if k in mem else float("inf"))
         torch_mem = common.torch_peak_bytes(runners["torch"].run) if "torch" in runners else -1
+        # RSS growth of one more step; none once the allocator keeps what the warm-up used (tuned)
+        torch_peak = common.fmt_bytes(torch_mem) + " (RSS growth)" if torch_mem > 0 else "n/a"
         lora_params = common.lora_adapter_params(shape, args.r, targets)
         flops = common.train_flops(shape, args.batch, args.seq, mode="lora", lora_params=lora_params)
         full_flops = common.train_flops(shape, args.batch, args.seq, mode="full")
@@ -132,7 +134,7 @@ def main() -> None:
                     f"{med[k] * 1e3:.0f}",
                     f"{common.spread(times[k]):.0%}",
                     f"{r.compile_s:.1f}" if r.compiled is not None else "n/a",
-                    common.fmt_bytes(mem[k]["peak"]) if k in mem else common.fmt_bytes(torch_mem) + " (RSS)",
+                    common.fmt_bytes(mem[k]["peak"]) if k in mem else (torch_peak if k == "torch" else "n/a"),
                 )
             )
         mfu_rows.append(
