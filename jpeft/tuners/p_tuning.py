@@ -206,7 +206,9 @@ def encoder_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """
     tree: dict[str, Any] = {}
     for key, value in state_dict.items():
-        array = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, np.float32)
+        # a copy: `.numpy()` shares the tensor's memory, and jax on the CPU may alias a NumPy buffer
+        # (jax-ml/jax#37830), so torch training on would otherwise change jpeft's tree
+        array = np.array(value.detach().cpu().numpy() if hasattr(value, "detach") else value, np.float32)
         if key == "embedding.weight":
             tree["embedding"] = jnp.asarray(array)
         elif match := re.fullmatch(r"mlp_head\.(\d+)\.(weight|bias)", key):

@@ -250,9 +250,9 @@ def _run_allocation(arch, kwargs, tiny):
         if f".{part}.default" in n
     }
     assert {m for m, _ in params} == set(plan.layers)
-    # start from torch's (perturbed) weights, copied: `.numpy()` shares the tensor's memory, the loop
-    # below updates the tensors in place, and on the CPU jax may keep using a NumPy buffer it was
-    # handed instead of copying it (jax-ml/jax#37830): the test failed once that way in a full run
+    # start from torch's (perturbed) weights, copied: `.numpy()` shares the tensor's memory and the loop
+    # below updates the tensors in place; some jax versions alias such a buffer on the CPU
+    # (jax-ml/jax#37830). A full run once failed here by exactly one step's noise.
     adapter = dict(mine.adapters["default"])
     adapter["adalora"] = {
         m: {p: jnp.asarray(params[(m, p)].detach().numpy().copy()) for p in adalora._PARTS}

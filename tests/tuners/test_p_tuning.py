@@ -6,6 +6,7 @@ import types
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -192,6 +193,38 @@ def test_lstm_dropout_applies_between_layers_in_training_only():
         "one-layer LSTM in training",
         atol=0.0,
     )
+
+
+@pytest.mark.parametrize("kind", ["MLP", "LSTM"])
+def test_encoder_from_torch_keeps_its_own_copy(kind, monkeypatch):
+    """Training the torch encoder on (in-place updates) leaves the converted tree as it was.
+
+    Some jax versions alias a contiguous NumPy buffer on the CPU instead of copying it
+    (jax-ml/jax#37830); the jax here copies, so ``jnp.asarray`` is made to alias as those do.
+    """
+    import torch
+
+    copying = jnp.asarray
+
+    def aliasing(x, *args, **kwargs):
+        if isinstance(x, np.ndarray) and x.flags.c_contiguous and not args and not kwargs:
+            return jnp.from_dlpack(x)
+        return copying(x, *args, **kwargs)
+
+    monkeypatch.setattr(jnp, "asarray", aliasing)
+    probe = torch.zeros(64).numpy()  # torch's buffers are aligned as XLA needs to alias them
+    view = jnp.asarray(probe)
+    probe[0] = 1.0
+    assert float(view[0]) == 1.0  # the stand-in does alias
+
+    encoder, _ = _torch_encoder(kind, token_dim=32, hidden=24, layers=2)
+    tree = p_tuning.encoder_from_torch(encoder.state_dict())
+    before = jax.tree.map(lambda x: np.array(x, copy=True), tree)
+    with torch.no_grad():
+        for param in encoder.parameters():
+            param.add_(1.0)
+    for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_encoder_from_torch_rejects_unknown_keys():
