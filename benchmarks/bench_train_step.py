@@ -11,7 +11,6 @@ sequence length and thread count:
   the jpeft/full ratios are given against both.
 - ``jpeft-plain``: jpeft's step with ``fused_loss=False`` (logits materialised), to show what the fused
   loss changes.
-- ``proto`` (with ``--proto``): the best prototype of ``benchmarks/prototypes/fast_step.py``.
 
 Reported: median step time of ``--steps`` after ``--warmup`` (compile time apart), ratios
 jpeft/torch (target <= 0.8) and jpeft/full (target <= 0.75; in brackets against the faster of the two
@@ -26,7 +25,6 @@ Usage::
 
     python benchmarks/bench_train_step.py --quick            # 10M shapes, ~2 min
     python benchmarks/bench_train_step.py                    # 10M/40M/120M GPT-2 and Llama, ~10 min idle
-    python benchmarks/bench_train_step.py --threads 1 --proto fast
     python benchmarks/bench_train_step.py --precision bf16   # bf16 models on both sides, bf16 jnp.dot peak
 """
 
@@ -42,7 +40,6 @@ from benchmarks import common  # noqa: E402  (sets thread affinity before jax st
 
 def main() -> None:
     parser = common.step_parser(__doc__.splitlines()[0])
-    parser.add_argument("--proto", default=None, help="also time this prototype (e.g. fast, fast-bf16)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch side")
     parser.add_argument(
         "--precision",
@@ -94,10 +91,6 @@ def main() -> None:
             runners["jpeft-plain"] = steps.jpeft_lora_plain_loss(
                 model(shape), batch, r=args.r, targets=targets, precision=precision
             )
-        if args.proto:
-            from benchmarks.prototypes import fast_step
-
-            runners["proto"] = fast_step.build(shape, batch, r=args.r, targets=targets, variant=args.proto)
         mem = {k: common.jax_memory(r.compiled) for k, r in runners.items() if r.compiled is not None}
         dot_run, dot_flops = common.matmul_step(2048, "bfloat16" if bf16 else "float32")
         variants = {k: r.run for k, r in runners.items()}
@@ -122,8 +115,6 @@ def main() -> None:
                 f"({mem['jpeft']['peak'] / mem[leanest_full]['peak']:.2f})",
                 f"{flops / med['jpeft'] / dot_peak:.2f} ({dot_peak / 1e9:.0f})",
                 f"{med['jpeft'] / med['torch-fp32']:.2f}" if "torch-fp32" in med else "n/a",
-                f"{med['proto'] / med['torch']:.2f}" if "proto" in med and "torch" in med else "n/a",
-                f"{med['proto'] / med['full']:.2f}" if "proto" in med else "n/a",
             )
         )
         for k, r in runners.items():
@@ -163,8 +154,6 @@ def main() -> None:
             "jpeft/full mem (<=0.6) (vs leaner full)",
             "MFU vs jnp.dot (>=0.6) (dot GFLOP/s)",
             "jpeft/torch-fp32",
-            "proto/torch",
-            "proto/full",
         ],
         ratio_rows,
     )

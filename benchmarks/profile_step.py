@@ -13,7 +13,7 @@ Usage::
 
     python benchmarks/profile_step.py --shape gpt2-10m --variant jpeft
     python benchmarks/profile_step.py --shape llama-10m --variant jpeft --torch
-    python benchmarks/profile_step.py --shape llama-10m --variant proto   # benchmarks/prototypes/fast_step.py
+    python benchmarks/profile_step.py --shape llama-10m --variant full
 """
 
 from __future__ import annotations
@@ -194,12 +194,11 @@ def profile_torch(runner, steps: int = 3, top: int = 15) -> None:
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--shape", default="gpt2-10m", choices=sorted(common.SHAPES))
-    parser.add_argument("--variant", default="jpeft", choices=["jpeft", "full", "proto"])
+    parser.add_argument("--variant", default="jpeft", choices=["jpeft", "full"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--torch", action="store_true", help="also profile torch PEFT's step")
-    parser.add_argument("--proto", default="fast", help="prototype variant name for --variant proto")
     args = parser.parse_args()
     common.setup(args.threads or 1, args.xla_flags, args.host_allocator)
     from benchmarks import steps
@@ -211,12 +210,8 @@ def main() -> None:
     targets = common.DEFAULT_TARGETS[shape.arch]
     if args.variant == "jpeft":
         runner = steps.jpeft_lora(common.flax_model(shape), batch, r=args.r, targets=targets)
-    elif args.variant == "full":
-        runner = steps.jax_full_ft(common.flax_model(shape), batch)
     else:
-        from benchmarks.prototypes import fast_step
-
-        runner = fast_step.build(shape, batch, r=args.r, targets=targets, variant=args.proto)
+        runner = steps.jax_full_ft(common.flax_model(shape), batch)
     params = common.flax_model(shape).params
     import jax
 

@@ -46,8 +46,8 @@ def jpeft_lora(
       r, targets: LoRA rank and target modules (ignored when ``config`` is given).
       config: any jpeft adapter config (IA3, VeRA, ...) instead of LoRA.
       precision: ``make_train_step``'s ``precision``.
-      donate: re-jit the trainer's step with ``donate_argnums=0`` (a prototype of the fix; the
-        library's step does not donate today).
+      donate: re-jit the trainer's step with ``donate_argnums=0`` (the library's step has donated
+        its state since 2026-11-28, so this no longer changes anything).
       remat: ``peft_model.enable_gradient_checkpointing()`` first.
       fused_loss: ``make_train_step``'s ``fused_loss`` (LM head + cross-entropy a slice at a time).
     """
