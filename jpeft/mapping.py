@@ -8,7 +8,9 @@ import jax
 
 from jpeft.config import PeftConfig
 from jpeft.core import registry
-from jpeft.peft_model import PeftMixedModel, PeftModel
+from jpeft.mixed_model import PeftMixedModel
+from jpeft.peft_model import PeftModel, model_class_for
+from jpeft.prompt_learning import PromptLearningPeftModel  # noqa: F401  (the class for prompt methods)
 
 
 def get_peft_model(
@@ -26,7 +28,7 @@ def get_peft_model(
         ``(linen_module, params)`` pair, or a binding such as ``jpeft.LinenBinding``.
       peft_config: e.g. ``LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"])``.
       adapter_name: name of the adapter (``"default"`` saves at the folder's root).
-      mixed: a :class:`~jpeft.peft_model.PeftMixedModel`, whose adapters may be of
+      mixed: a :class:`~jpeft.mixed_model.PeftMixedModel`, whose adapters may be of
         different methods (e.g. LoRA + AdaLoRA, LoRA + IA3) and active together. This is
         PEFT's meaning of ``mixed``; it is not mixed precision (see ``precision=`` of
         :func:`jpeft.train.make_train_step`).
@@ -42,5 +44,5 @@ def get_peft_model(
     """
     if mixed:
         return PeftMixedModel(model, peft_config, adapter_name, key=key)
-    model_class = registry.model_class_for(peft_config.peft_type, PeftModel)
-    return model_class(model, peft_config, adapter_name, key=key)
+    model_class = model_class_for(registry.kind_of(peft_config.peft_type))
+    return model_class(model, peft_config, adapter_name, key=key)  # type: ignore[return-value]

@@ -1,12 +1,11 @@
 """``PromptLearningPeftModel``: a ``PeftModel`` whose adapters change the model's inputs.
 
-Prompt tuning, P-tuning and prefix tuning hook no layer: they put virtual tokens in
-front of the input (or key/value prefixes in front of each layer's cache). This class
-is generic over them; each method module supplies the protocol functions
-(``prepare``, ``init_params``, ``prompt_embeddings``, ``run``, ``generate``,
-``loss_batch``, ``key_entries``, ``counted_in_total``) and registers itself with
-``model_class=PromptLearningPeftModel``, so ``jpeft.get_peft_model`` and
-``jpeft.PeftModel.from_pretrained`` build this class for it.
+Prompt tuning, P-tuning and prefix tuning (methods registered with ``kind="prompt"``)
+hook no layer: they put virtual tokens in front of the input (or key/value prefixes in
+front of each layer's cache). This class runs their forward and ``generate`` through
+the method's contract (``prompt_embeddings``, ``run``, ``generate``, ``loss_batch``);
+everything else is ``PeftModel``'s, and what PEFT forbids for prompt adapters (merging,
+loading one trainable, activating two at once) is refused there, by the method's kind.
 
 As in PEFT, one prompt adapter is active at a time, a checkpoint holds the encoder's
 *output* (``prompt_embeddings``) plus ``modules_to_save`` copies as ``base_model.<path>``,
@@ -15,33 +14,27 @@ a loaded adapter is inference-only, and nothing can be merged into the base weig
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from jpeft.config import PeftConfig
+from jpeft.core.method import Kind
 from jpeft.core.tree import combine
-from jpeft.errors import CheckpointError
-from jpeft.peft_model import PeftModel
-from jpeft.tuners import base
+from jpeft.peft_model import TRAINABLE_REFUSAL, PeftModel
+from jpeft.tuners.prompt_base import PROMPT_EMBEDDINGS_KEY
 
-PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
-TRAINABLE_REFUSAL = "Cannot set a prompt learning adapter to trainable when loading pretrained adapter."
+__all__ = ["PROMPT_EMBEDDINGS_KEY", "TRAINABLE_REFUSAL", "PromptLearningPeftModel"]
 
 
 class PromptLearningPeftModel(PeftModel):
     """A Flax model with prompt-learning adapters (prompt tuning, P-tuning, prefix tuning).
 
     Build it with :func:`jpeft.get_peft_model` or load one with
-    :meth:`jpeft.PeftModel.from_pretrained`; the registry picks this class for prompt
-    methods. Params are ``{"base": ..., "adapters": {name: {"prompt": encoder, ...}}}``;
-    the active adapter's whole tree trains (encoder + ``modules_to_save`` copies) unless
-    it was loaded for inference.
+    :meth:`jpeft.PeftModel.from_pretrained`, which pick this class for prompt methods.
+    Params are ``{"base": ..., "adapters": {name: {"prompt": encoder, ...}}}``; the active
+    adapter's whole tree trains (encoder + ``modules_to_save`` copies) unless it was loaded
+    for inference.
 
     Example:
       >>> config = jpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8)
@@ -49,22 +42,7 @@ class PromptLearningPeftModel(PeftModel):
       >>> logits = peft_model(input_ids).logits  # (batch, 8 + seq, vocab), as PEFT
     """
 
-    def __init__(
-        self,
-        model: Any,
-        peft_config: PeftConfig,
-        adapter_name: str = "default",
-        *,
-        key: jax.Array | None = None,
-    ):
-        if not getattr(peft_config, "is_prompt_learning", False):
-            raise TypeError(
-                f"PromptLearningPeftModel takes prompt-learning configs (prompt tuning, P-tuning, prefix tuning), "
-                f"got {type(peft_config).__name__}; use `jpeft.get_peft_model`, which picks the right class."
-            )
-        super().__init__(model, peft_config, adapter_name, key=key)
-
-    # ------------------------------------------------------------------ forward
+    kinds: ClassVar[frozenset[Kind]] = frozenset({"prompt"})
 
     def _active_prompt_adapter(self, active_adapters: Sequence[str] | str | None) -> str | None:
         """The one adapter a call uses, or ``None`` for the plain base model."""
@@ -84,15 +62,15 @@ class PromptLearningPeftModel(PeftModel):
             )
         return names[0] if names else None
 
-    def _prompt_inputs(
+    def _prompt_call(
         self, params: Mapping[str, Any], name: str, *, train: bool, key: jax.Array | None
     ) -> tuple[Any, Any, Any, Any, jax.Array]:
         """``(method, plan, effective base params, adapter, prompts)`` for adapter ``name``."""
         method, plan = self._method(name), self._plans[name]
         adapter = params["adapters"][name]
-        effective = base.apply_overrides(params["base"], adapter, plan.modules, plan.bias_leaves)
-        prompts = method.prompt_embeddings(plan, adapter, train=train, key=key)
-        return method, plan, effective, adapter, prompts
+        effective = method.apply_overrides(params["base"], adapter, plan)
+        assert method.prompt_embeddings is not None  # a prompt method (checked at registration)
+        return method, plan, effective, adapter, method.prompt_embeddings(plan, adapter, train=train, key=key)
 
     def apply(
         self,
@@ -131,15 +109,11 @@ class PromptLearningPeftModel(PeftModel):
             params = combine(params, frozen)
         name = self._active_prompt_adapter(active_adapters)
         if name is None:
-            return self._binding.run(
-                params["base"], None, frozenset(), args, kwargs, train=train, dropout_rng=dropout_rng
-            )
+            return self._binding.run(params["base"], None, frozenset(), args, kwargs, train=train, dropout_rng=dropout_rng)
         base_rng = prompt_rng = None
         if dropout_rng is not None:
             base_rng, prompt_rng = jax.random.split(dropout_rng)
-        method, plan, effective, adapter, prompts = self._prompt_inputs(
-            params, name, train=train, key=prompt_rng
-        )
+        method, plan, effective, adapter, prompts = self._prompt_call(params, name, train=train, key=prompt_rng)
         return method.run(
             plan, self._binding, effective, adapter, prompts, args, kwargs, train=train, dropout_rng=base_rng
         )
@@ -153,13 +127,10 @@ class PromptLearningPeftModel(PeftModel):
         by the new tokens.
         """
         params = self.params if params is None else params
-        generate = getattr(self._binding, "generate", None)
-        if generate is None:
-            raise TypeError(f"{self._binding.class_name} has no `generate`.")
         name = self._active_prompt_adapter(None)
         if name is None:
-            return generate(params["base"], None, frozenset(), args, kwargs)
-        method, plan, effective, adapter, prompts = self._prompt_inputs(params, name, train=False, key=None)
+            return self._binding.generate(params["base"], None, frozenset(), args, kwargs)
+        method, plan, effective, adapter, prompts = self._prompt_call(params, name, train=False, key=None)
         return method.generate(plan, self._binding, effective, adapter, prompts, args, kwargs)
 
     def loss_batch(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -171,118 +142,9 @@ class PromptLearningPeftModel(PeftModel):
         name = self._active_prompt_adapter(None)
         if name is None:
             return batch
-        return self._method(name).loss_batch(self._plans[name], batch)
-
-    # ------------------------------------------------------------------ merge: not for prompts
-
-    def _cannot_merge(self) -> ValueError:
-        types = sorted({c.peft_type.value for c in self.peft_config.values()})
-        return ValueError(
-            f"prompt-learning adapters ({', '.join(types)}) cannot be merged into the base weights: they add "
-            "virtual tokens (or key/value prefixes) to the model's input, not a weight change. Keep the adapter "
-            "attached (`apply`/`generate`), or use `unload()` for the plain base model."
-        )
-
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
-        raise self._cannot_merge()
-
-    def unmerge_adapter(self) -> None:
-        raise self._cannot_merge()
-
-    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> Any:
-        raise self._cannot_merge()
-
-    def get_merged_params(
-        self, params: Mapping[str, Any] | None = None, adapter_names: Sequence[str] | None = None
-    ) -> Any:
-        raise self._cannot_merge()
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def get_peft_state_dict(
-        self, adapter_name: str = "default", save_embedding_layers: bool | str = "auto"
-    ) -> dict[str, np.ndarray]:
-        """PEFT's state dict of a prompt adapter: ``prompt_embeddings`` (the encoder output, fp32)
-        and the ``modules_to_save`` copies as ``base_model.<path>``."""
-        out = super().get_peft_state_dict(adapter_name, save_embedding_layers)
-        plan = self._plans[adapter_name]
-        prompts = self._method(adapter_name).prompt_embeddings(
-            plan, self.adapters[adapter_name], train=False, key=None
-        )
-        out[PROMPT_EMBEDDINGS_KEY] = np.ascontiguousarray(np.asarray(jax.device_get(prompts), np.float32))
-        return out
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: Any,
-        model_id: str | os.PathLike,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        config: PeftConfig | None = None,
-        **kwargs: Any,
-    ) -> PeftModel:
-        """Loads a prompt adapter (jpeft's or torch PEFT's) for inference.
-
-        Takes :meth:`jpeft.PeftModel.from_pretrained`'s arguments. The adapter is the saved
-        ``prompt_embeddings`` table (the encoder is not rebuilt), as in PEFT.
-
-        Raises:
-          ValueError: ``is_trainable=True`` (PEFT refuses it for prompt learning).
-        """
-        if is_trainable:
-            raise ValueError(TRAINABLE_REFUSAL)
-        return super().from_pretrained(model, model_id, adapter_name, is_trainable, config, **kwargs)
-
-    @classmethod
-    def _check_loadable(cls, config: PeftConfig, is_trainable: bool) -> None:
-        if is_trainable:
-            raise ValueError(TRAINABLE_REFUSAL)
-
-    def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
-    ) -> None:
-        """Loads another prompt adapter folder under ``adapter_name`` (inference only, not made active)."""
-        if is_trainable:
-            raise ValueError(TRAINABLE_REFUSAL)
-        super().load_adapter(model_id, adapter_name, is_trainable, **kwargs)
-
-    def _load_weights(
-        self, adapter_name: str, tensors: Mapping[str, np.ndarray], source: str, ignore_mismatched_sizes: bool
-    ) -> None:
-        if adapter_name not in self._inference:
-            # reached through jpeft.PeftModel.from_pretrained(..., is_trainable=True)
-            raise ValueError(TRAINABLE_REFUSAL)
-        tensors = dict(tensors)
-        if PROMPT_EMBEDDINGS_KEY not in tensors:
-            raise CheckpointError(
-                f"{source!r} has no {PROMPT_EMBEDDINGS_KEY!r} tensor, which every prompt-learning checkpoint "
-                f"holds (keys found: {sorted(tensors)[:10]}). The folder is not a "
-                f"{self.peft_config[adapter_name].peft_type.value} adapter, or its weights file is incomplete."
-            )
-        rows = np.asarray(tensors.pop(PROMPT_EMBEDDINGS_KEY))
-        current = self.adapters[adapter_name]["prompt"]["embedding"]
-        load_rows = True
-        if tuple(rows.shape) != tuple(current.shape):
-            message = (
-                f"{PROMPT_EMBEDDINGS_KEY}: found shape {tuple(rows.shape)} in the checkpoint and "
-                f"{tuple(current.shape)} in the model"
-            )
-            if not ignore_mismatched_sizes:
-                raise CheckpointError(
-                    f"size mismatch loading {source!r} into adapter {adapter_name!r}: {message}. The adapter was "
-                    "saved with another num_virtual_tokens/token_dim or for another model; load it onto the base "
-                    "model it was trained for."
-                )
-            load_rows = False
-            warnings.warn(
-                f"Some weights were not loaded (ignore_mismatched_sizes=True):\n{message}", stacklevel=3
-            )
-        super()._load_weights(adapter_name, tensors, source, ignore_mismatched_sizes)
-        if load_rows:
-            adapter = dict(self.adapters[adapter_name])
-            adapter["prompt"] = {**adapter["prompt"], "embedding": jnp.asarray(rows, current.dtype)}
-            self.adapters[adapter_name] = adapter
+        method = self._method(name)
+        assert method.loss_batch is not None
+        return method.loss_batch(self._plans[name], batch)
 
     def __repr__(self) -> str:
         lines = [f"PromptLearningPeftModel({self._binding.class_name}, active={self._active})"]
@@ -292,3 +154,4 @@ class PromptLearningPeftModel(PeftModel):
                 f"task {config.task_type.value if config.task_type else None}"
             )
         return "\n".join(lines)
+

@@ -312,7 +312,7 @@ _HAS_LOSS_BATCH_HOOK = "loss_batch" in inspect.getsource(jpeft.train.step)
 def _eval_loss(peft_model: PromptLearningPeftModel, params, batch) -> float:
     """The task's mean loss in eval mode (no dropout), batch adjusted by ``loss_batch``."""
     task = peft_model.peft_config["default"].task_type.value
-    inputs = jpeft.train.step.model_inputs(batch, peft_model._binding.config, task)
+    inputs = jpeft.train.step.model_inputs(batch, peft_model.binding.config, task)
     outputs = peft_model.apply(params, **inputs)
     return float(
         losses.mean_loss(jpeft.train.step.loss_for_task(task)(outputs, peft_model.loss_batch(batch)))

@@ -9,46 +9,41 @@ Module classes are read by tracing ``init_weights`` abstractly, which is how GPT
 from __future__ import annotations
 
 import copy
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 
-from jpeft.bindings.linen import Hook, hooked, module_table, record_module_classes
-from jpeft.core.tree import PyTree, to_plain_dict
-
-# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, for the model types that
-# have Flax implementations in transformers 4.x.
-DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"],
-    "gpt_neo": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "bloom": ["query_key_value"],
-}
+from jpeft.bindings.linen import hooked, module_table, record_module_classes
+from jpeft.bindings.protocol import Hook
+from jpeft.core.architectures import architecture
+from jpeft.core.modules import ModuleInfo
+from jpeft.core.tree import Path, PyTree, to_plain_dict
 
 # Flax params that are buffers (not parameters) in the torch model: not counted, never trained.
 TORCH_BUFFERS = (("final_logits_bias",),)
 
-# Causal LMs whose Flax ``__call__`` returns ``lm_head``'s output unchanged as the logits (read in
-# transformers 4.57's ``modeling_flax_*.py``), so a loss may compute the head itself
-# (``make_train_step``'s fused loss). BART-family models add ``final_logits_bias`` after the head.
-HEAD_OUTPUT_IS_LOGITS = frozenset(
-    {"gpt2", "llama", "mistral", "gemma", "bloom", "gpt_neo", "gptj", "opt", "xglm"}
-)
-
 # Names transformers gives the output embedding (``get_output_embeddings()``).
 OUTPUT_EMBEDDING_NAMES = ("lm_head", "cls.predictions.decoder", "embed_out")
+
+
+def _mode_argument(model: Any) -> Callable[[bool], dict[str, bool]]:
+    """How the model's ``__call__`` takes training mode: ``train=`` (most) or ``deterministic=`` (OPT).
+
+    Read from its signature, so a model family that names it otherwise is served, not sent
+    an argument it does not accept.
+    """
+    parameters = inspect.signature(type(model).__call__).parameters
+    if "train" in parameters:
+        return lambda train: {"train": train}
+    if "deterministic" in parameters:
+        return lambda train: {"deterministic": not train}
+    raise TypeError(
+        f"{type(model).__name__}.__call__ takes neither `train` nor `deterministic`; jpeft cannot switch its "
+        "dropout. Wrap the model's module with `jpeft.LinenBinding(model.module, model.params, "
+        "example_args=(input_ids,))` instead (the example call lets it read each layer's class)."
+    )
 
 
 def is_hf_flax_model(model: Any) -> bool:
@@ -71,18 +66,20 @@ class HFFlaxBinding:
         self.model = model
         self.params = to_plain_dict(model.params)
         classes = record_module_classes(lambda: model.init_weights(jax.random.key(0), model.input_shape))
-        self.modules = module_table(self.params, classes)
+        self.modules: Mapping[str, ModuleInfo] = module_table(self.params, classes)
         self.config = model.config
         self.model_type = getattr(model.config, "model_type", None)
         self.class_name = type(model).__name__
         self.name_or_path = getattr(model.config, "_name_or_path", None) or None
         self.output_embedding_names = frozenset(n for n in OUTPUT_EMBEDDING_NAMES if n in self.modules)
         self.remat = False
-        self.buffer_paths = frozenset(path for path in TORCH_BUFFERS if path[0] in self.params)
+        self.buffer_paths: frozenset[Path] = frozenset(path for path in TORCH_BUFFERS if path[0] in self.params)
         self.tied_embedding_names = self._tied_embeddings()
-        self.head_output_is_logits = self.model_type in HEAD_OUTPUT_IS_LOGITS and self.class_name.endswith(
-            ("LMHeadModel", "ForCausalLM")
+        row = architecture(self.model_type)
+        self.head_output_is_logits = (
+            row is not None and row.head_output_is_logits and self.class_name.endswith(("LMHeadModel", "ForCausalLM"))
         )
+        self._mode_argument = _mode_argument(model)
 
     def _tied_embeddings(self) -> frozenset[str]:
         """Input embeddings that the LM head reuses (no head weights of its own)."""
@@ -117,7 +114,7 @@ class HFFlaxBinding:
         dropout_rng: jax.Array | None,
     ) -> Any:
         with hooked(hook, names, remat=self.remat, train=train):
-            return self.model(*args, params=params, dropout_rng=dropout_rng, train=train, **kwargs)
+            return self.model(*args, params=params, dropout_rng=dropout_rng, **self._mode_argument(train), **kwargs)
 
     def generate(
         self,

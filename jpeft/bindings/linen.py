@@ -23,12 +23,10 @@ import numpy as np
 from flax.core import meta as flax_meta
 from flax.linen import dtypes as flax_dtypes
 
+from jpeft.bindings.protocol import Hook
 from jpeft.core import dots
 from jpeft.core.modules import ModuleInfo, module_name
 from jpeft.core.tree import Path, PyTree, iter_leaves, to_plain_dict
-
-# hook(module name, module input, module output) -> new output
-Hook = Callable[[str, jax.Array, jax.Array], jax.Array]
 
 
 def describe_module(path: Path, cls: type | None, own_shapes: Mapping[str, tuple[int, ...]]) -> ModuleInfo:
@@ -303,16 +301,18 @@ class LinenBinding:
             classes = record_module_classes(
                 lambda: module.apply({"params": params, **self.other_variables}, *example_args)
             )
-        self.modules = module_table(params, classes)
-        self.config = None
-        self.model_type = None
+        self.modules: Mapping[str, ModuleInfo] = module_table(params, classes)
+        self.config: Any = None
+        self.model_type: str | None = None
         self.class_name = type(module).__name__
-        self.name_or_path = None
+        self.name_or_path: str | None = None
         self.output_embedding_names: frozenset[str] = frozenset()
         self.remat = False
         self.buffer_paths: frozenset[tuple[str, ...]] = frozenset()
         self.tied_embedding_names: frozenset[str] = frozenset()
         self.head_output_is_logits = False  # unknown for a user's module: fused loss only when asked
+        self.torch_class_name: str | None = None  # no torch counterpart is known
+        self.torch_module_path: str | None = None
 
     def enable_gradient_checkpointing(self) -> None:
         self.remat = True
@@ -335,6 +335,14 @@ class LinenBinding:
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
         with hooked(hook, names, remat=self.remat, train=train):
             return self.module.apply({"params": params, **self.other_variables}, *args, rngs=rngs, **kwargs)
+
+    def generate(
+        self, params: PyTree, hook: Hook | None, names: frozenset[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        raise TypeError(
+            f"{self.class_name} has no `generate`: generation needs a transformers Flax model with a "
+            "language-modelling head."
+        )
 
     def with_params(self, params: PyTree) -> tuple[nn.Module, PyTree]:
         return self.module, params

@@ -29,38 +29,16 @@ import functools
 import inspect
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jpeft.bindings.linen import hooked
-from jpeft.config import TaskType
+from jpeft.core.architectures import PrefixStyle as Style
+from jpeft.core.architectures import architecture
 from jpeft.core.tree import PyTree, flatten, unflatten
 from jpeft.errors import ConfigError
-
-Style = Literal["cache", "seq2seq", "projection"]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Arch:
-    style: Style
-    tasks: tuple[TaskType, ...]
-    # projection style: regex over module names giving (layer index, "key" | "value")
-    projection: str | None = None
-
-
-# Architectures whose injection is implemented and checked against torch PEFT.
-_ARCHS: dict[str, _Arch] = {
-    "gpt2": _Arch("cache", (TaskType.CAUSAL_LM,)),
-    "llama": _Arch("cache", (TaskType.CAUSAL_LM,)),
-    "bert": _Arch(
-        "projection",
-        (TaskType.SEQ_CLS,),
-        projection=r"(?:.+\.)?encoder\.layer\.(\d+)\.attention\.self\.(key|value)",
-    ),
-    "bart": _Arch("seq2seq", (TaskType.SEQ_2_SEQ_LM,)),
-}
 
 SUPPORTED = "GPT-2 and Llama (CAUSAL_LM), BERT (SEQ_CLS), BART (SEQ_2_SEQ_LM)"
 
@@ -121,10 +99,10 @@ def injection_for(binding: Any, config: Any) -> PrefixInjection:
       binding: a :class:`jpeft.bindings.hf_flax.HFFlaxBinding`.
       config: a filled ``PrefixTuningConfig`` (``num_layers``, ``token_dim``, ... set).
     """
-    class_name = getattr(binding, "class_name", type(binding).__name__)
-    model_type = getattr(binding, "model_type", None)
-    arch = _ARCHS.get(model_type or "")
-    if arch is None or getattr(binding, "config", None) is None or not hasattr(binding, "model"):
+    class_name, model_type = binding.class_name, binding.model_type
+    row = architecture(model_type)
+    arch = row.prefix if row is not None else None
+    if arch is None or binding.config is None:
         raise ConfigError(
             f"prefix tuning cannot inject key/value prefixes into {class_name} (model type {model_type!r}): jpeft "
             f"has no prefix injection for it. Supported: transformers Flax {SUPPORTED}; use prompt tuning or "

@@ -54,6 +54,12 @@ class ModuleInfo:
         return "bias" in self.param_shapes
 
     @property
+    def features(self) -> tuple[int, int]:
+        """``(in_features, out_features)`` of a linear or embedding module (set for both kinds)."""
+        assert self.in_features is not None and self.out_features is not None, self.name
+        return self.in_features, self.out_features
+
+    @property
     def weight_path(self) -> Path:
         assert self.weight_name is not None, self.name
         return (*self.path, self.weight_name)

@@ -5,50 +5,79 @@ Each tuner module ends with one ``register(...)`` call; nothing else lists metho
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from jpeft.config import PeftConfig, PeftType
+from jpeft.core.method import Kind, Method
 from jpeft.errors import ConfigError
 
-_METHODS: dict[PeftType, Any] = {}
-_CONFIGS: dict[PeftType, type[PeftConfig]] = {}
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """One registered method.
+
+    Attributes:
+      peft_type: PEFT's name of the method.
+      config_class: its config dataclass.
+      method: its functions.
+      kind: ``"layer"`` (hooks layers) or ``"prompt"`` (changes the inputs).
+      mixable: whether its adapters may join adapters of other methods in a
+        ``PeftMixedModel``.
+    """
+
+    peft_type: PeftType
+    config_class: type[PeftConfig]
+    method: Method[Any]
+    kind: Kind
+    mixable: bool
 
 
-_MODEL_CLASSES: dict[PeftType, type] = {}
+_REGISTRY: dict[PeftType, Registration] = {}
 
 
 def register(
-    peft_type: PeftType, config_cls: type[PeftConfig], method: Any, *, model_class: type | None = None
+    peft_type: PeftType,
+    config_class: type[PeftConfig],
+    method: Method[Any],
+    *,
+    kind: Kind = "layer",
+    mixable: bool = False,
 ) -> None:
-    """Registers ``method`` (a module or object with the tuner functions) for ``peft_type``.
-
-    ``model_class``: the ``PeftModel`` subclass that wraps models for this method (prompt
-    learning methods change the model's inputs, not its layers); ``None`` for ``PeftModel``.
-    """
-    _METHODS[peft_type] = method
-    _CONFIGS[peft_type] = config_cls
-    if model_class is not None:
-        _MODEL_CLASSES[peft_type] = model_class
+    """Registers ``method`` for ``peft_type`` (checks that it provides what ``kind`` needs)."""
+    if not isinstance(method, Method):
+        raise TypeError(f"register({peft_type.value}): `method` must be a jpeft.core.method.Method.")
+    if kind == "prompt" and mixable:
+        raise ValueError(f"register({peft_type.value}): prompt methods cannot be mixed with others.")
+    method.check(kind, peft_type.value)
+    _REGISTRY[peft_type] = Registration(peft_type, config_class, method, kind, mixable)
 
 
-def model_class_for(peft_type: PeftType, default: type) -> type:
-    """The ``PeftModel`` class for ``peft_type`` (``default`` unless the method registered one)."""
-    return _MODEL_CLASSES.get(peft_type, default)
-
-
-def method_for(peft_type: PeftType) -> Any:
+def registration(peft_type: PeftType) -> Registration:
     try:
-        return _METHODS[peft_type]
+        return _REGISTRY[peft_type]
     except KeyError:
         raise ConfigError(
             f"peft_type {peft_type.value!r} is a PEFT method jpeft does not implement yet; "
-            f"implemented: {', '.join(t.value for t in _METHODS)}."
+            f"implemented: {', '.join(t.value for t in _REGISTRY)}."
         ) from None
 
 
+def method_for(peft_type: PeftType) -> Method[Any]:
+    return registration(peft_type).method
+
+
+def kind_of(peft_type: PeftType) -> Kind:
+    return registration(peft_type).kind
+
+
 def registered_types() -> list[PeftType]:
-    return list(_METHODS)
+    return list(_REGISTRY)
+
+
+def mixable_types() -> list[PeftType]:
+    return [t for t, r in _REGISTRY.items() if r.mixable]
 
 
 def config_from_dict(data: Mapping[str, Any]) -> PeftConfig:
@@ -66,5 +95,4 @@ def config_from_dict(data: Mapping[str, Any]) -> PeftConfig:
             f"unknown `peft_type` {raw!r}; expected the exact upper-case PEFT name, one of "
             f"{', '.join(t.value for t in PeftType)}."
         ) from None
-    method_for(peft_type)
-    return _CONFIGS[peft_type].from_dict(data)
+    return registration(peft_type).config_class.from_dict(data)

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jpeft.core import registry
 from jpeft.quant.formats import is_quantized
 
 PyTree = Any
@@ -74,12 +75,12 @@ def param_specs(
     )
     adapters = {}
     for name, adapter in peft_model.adapters.items():
-        method = peft_model._method(name)
-        specs = getattr(method, "adapter_specs", None)
+        plan = peft_model.plan(name)
+        specs = registry.method_for(plan.config.peft_type).adapter_specs
         if specs is None:
             adapters[name] = jax.tree.map(lambda _: PartitionSpec(), adapter)
         else:
-            adapters[name] = specs(peft_model._plans[name], adapter, logical)
+            adapters[name] = specs(plan, adapter, logical)
     return {"base": base_specs, "adapters": adapters}
 
 

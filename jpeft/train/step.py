@@ -85,7 +85,7 @@ def model_inputs(
 
 def _warn_if_model_computes_in_float32(peft_model: Any, policy: Policy) -> None:
     """transformers' Flax layers compute in the model's ``dtype``, whatever the weights' dtype."""
-    model = getattr(peft_model._binding, "model", None)
+    model = peft_model.binding.model
     model_dtype = getattr(model, "dtype", None)  # a transformers Flax model's compute dtype
     wanted = jnp.dtype(policy.compute_dtype)
     if model_dtype is None or wanted == jnp.float32 or jnp.dtype(model_dtype) != jnp.float32:
@@ -169,15 +169,14 @@ def make_train_step(
     config = peft_model.peft_config[peft_model.active_adapters[0]]
     task = config.task_type.value if config.task_type is not None else None
     if fused_loss is None:
-        fused_loss = getattr(peft_model._binding, "head_output_is_logits", False)
+        fused_loss = peft_model.binding.head_output_is_logits
     fuse = fused_loss and loss_fn is None and (task or "CAUSAL_LM").upper() == "CAUSAL_LM"
     if fuse:
-        plans = getattr(peft_model, "_plans", {})
-        fuse = not any("lm_head" in plans[n].hooked for n in peft_model.active_adapters if n in plans)
+        fuse = not any("lm_head" in peft_model.plan(n).hooked for n in peft_model.active_adapters)
     loss_fn = loss_fn or loss_for_task(task)
-    model_config = getattr(peft_model._binding, "config", None)
+    model_config = peft_model.binding.config
     # a tied head's kernel is the embedding table transposed: the fused loss then works on the table
-    tied_head = bool(getattr(peft_model._binding, "tied_embedding_names", ()))
+    tied_head = bool(peft_model.binding.tied_embedding_names)
 
     def init(key: jax.Array) -> TrainState:
         trainable, _ = peft_model.split_params()

@@ -29,32 +29,23 @@ Fine-Tuning", ICLR 2023.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import warnings
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jpeft.config import PeftType
-from jpeft.core import registry
-from jpeft.core.modules import ModuleInfo
+from jpeft.core import method, registry
+from jpeft.core.architectures import architecture, default_targets
 from jpeft.core.tree import PyTree, count_params, get_path, set_path
 from jpeft.errors import ConfigError
 from jpeft.tuners import base, lora, lowrank
 
-# PEFT's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING where it differs from LoRA's.
-_ADALORA_DEFAULT_TARGETS = {
-    "t5": ["q", "k", "v", "o", "wi", "wo"],
-    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "roberta": ["query", "key", "value", "dense"],
-}
-# model types with a LoRA default but none for AdaLoRA in PEFT
-_NO_ADALORA_DEFAULT = ("mistral", "xlm-roberta", "electra")
+if TYPE_CHECKING:
+    from jpeft.bindings.protocol import Binding
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,7 +76,7 @@ class AdaLoraConfig(lora.LoraConfig):
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
     total_step: int | None = None
-    rank_pattern: dict[str, Any] | None = None  # type: ignore[assignment]
+    rank_pattern: dict[str, Any] | None = None  # type: ignore[assignment]  # masks per module, not LoRA ranks
 
     def __post_init__(self) -> None:
         rank_pattern = self.rank_pattern
@@ -129,28 +120,21 @@ class AdaLoraConfig(lora.LoraConfig):
             )
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerPlan:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerPlan(method.LayerPlan):
     """Static facts about one adapted layer."""
 
-    info: ModuleInfo
-    index: int
     r: int  # current (stored) rank
     ranknum: float  # PEFT's frozen ``ranknum``: init_r (kept through pruning)
     scaling: float  # lora_alpha if > 0 else r
 
 
-@dataclasses.dataclass(frozen=True)
-class AdaLoraPlan:
-    config: AdaLoraConfig
-    layers: dict[str, LayerPlan]
-    modules: Mapping[str, ModuleInfo]
-    modules_to_save: tuple[str, ...]
-    bias_leaves: tuple[tuple[str, ...], ...]
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdaLoraPlan(method.Plan):
+    """One AdaLoRA adapter resolved against one model."""
 
-    @property
-    def hooked(self) -> frozenset[str]:
-        return frozenset(self.layers)
+    config: AdaLoraConfig
+    layers: Mapping[str, LayerPlan]
 
 
 def _pattern_key(name: str) -> str:
@@ -159,19 +143,19 @@ def _pattern_key(name: str) -> str:
 
 def prepare(config: AdaLoraConfig, binding: Any) -> AdaLoraPlan:
     """Resolves targets as LoRA does (AdaLoRA's defaults); ranks come from ``init_r`` / ``rank_pattern``."""
-    if config.target_modules is None:
-        model_type = binding.model_type or ""
-        if model_type in _NO_ADALORA_DEFAULT:
+    if config.target_modules is None and architecture(binding.model_type) is not None:
+        targets = default_targets("ADALORA", binding.model_type)
+        if targets is None:
             raise ConfigError(
-                f"Please specify `target_modules` in `peft_config`: PEFT has no AdaLoRA default for {model_type!r}."
+                f"Please specify `target_modules` in `peft_config`: PEFT has no AdaLoRA default for "
+                f"{binding.model_type!r}."
             )
-        if model_type in _ADALORA_DEFAULT_TARGETS:
-            config = dataclasses.replace(config, target_modules=list(_ADALORA_DEFAULT_TARGETS[model_type]))
+        config = dataclasses.replace(config, target_modules=targets)
     rank_pattern = config.rank_pattern
     lora_plan = lora.prepare(dataclasses.replace(config, rank_pattern={}, alpha_pattern={}), binding)
-    config = dataclasses.replace(
-        lora_plan.config, rank_pattern=rank_pattern, alpha_pattern=config.alpha_pattern
-    )
+    resolved = lora_plan.config
+    assert isinstance(resolved, AdaLoraConfig)  # lora.prepare only replaces fields of the config it gets
+    config = dataclasses.replace(resolved, rank_pattern=rank_pattern, alpha_pattern=config.alpha_pattern)
     if isinstance(config.target_modules, list):
         # PEFT turns the list into a set (saved in arbitrary order); keep it a list.
         object.__setattr__(config, "target_modules", list(config.target_modules))
@@ -212,10 +196,10 @@ def init_params(plan: AdaLoraPlan, base_params: PyTree, key: jax.Array) -> tuple
     """E = 0, A and B ~ N(0, 0.02) (``init_lora_weights`` falsy: all three N(0, 1), as PEFT)."""
     entries: dict[str, dict[str, jax.Array]] = {}
     for name, layer in plan.layers.items():
-        info, r = layer.info, layer.r
+        (in_f, out_f), r = layer.info.features, layer.r
         ka, ke, kb = jax.random.split(jax.random.fold_in(key, layer.index), 3)
-        a = jax.random.normal(ka, (r, info.in_features), jnp.float32)
-        b = jax.random.normal(kb, (info.out_features, r), jnp.float32)
+        a = jax.random.normal(ka, (r, in_f), jnp.float32)
+        b = jax.random.normal(kb, (out_f, r), jnp.float32)
         if plan.config.init_lora_weights:
             entries[name] = {"lora_A": 0.02 * a, "lora_E": jnp.zeros((r, 1), jnp.float32), "lora_B": 0.02 * b}
         else:
@@ -310,12 +294,7 @@ def key_entries(
         set(plan.layers),
         include_wrapper_biases=plan.config.bias == "all",
     )
-    for name, layer in plan.layers.items():
-        if lora._saves_embedding(plan, name, save_embedding_layers):  # type: ignore[arg-type]
-            info = layer.info
-            perm = (1, 0) if info.weight_name == "kernel" else None
-            entries.append(base.KeyEntry(f"{name}.base_layer.weight", "base", info.weight_path, perm))
-    return entries
+    return entries + lora.embedding_layer_entries(plan.layers, save_embedding_layers)
 
 
 def counted_in_total(plan: AdaLoraPlan, adapter: Mapping[str, Any]) -> int:
@@ -386,23 +365,32 @@ def allocator_init(plan: AdaLoraPlan, adapter: Mapping[str, Any]) -> dict[str, A
     }
 
 
+def _budgeting_end(config: AdaLoraConfig) -> int:
+    """``total_step - tfinal``: the step at which the final rank pattern is applied."""
+    assert config.total_step is not None  # AdaLoraConfig.__post_init__ requires it
+    return config.total_step - config.tfinal
+
+
 def budget_schedule(plan: AdaLoraPlan, step: int) -> tuple[int, bool]:
     """``(budget, mask now?)`` at ``step``: constant, then cubic decrease, then ``target_r`` per layer."""
     config = plan.config
     init_bgt, target_bgt = _init_budget(plan)
-    tinit, tfinal, total = config.tinit, config.tfinal, config.total_step
+    tinit, final = config.tinit, _budgeting_end(config)
     if step <= tinit:
         return init_bgt, False
-    if step > total - tfinal:
+    if step > final:
         return target_bgt, True
-    mul_coeff = 1 - (step - tinit) / (total - tfinal - tinit)
+    mul_coeff = 1 - (step - tinit) / (final - tinit)
     budget = int((init_bgt - target_bgt) * (mul_coeff**3) + target_bgt)
     return budget, step % config.deltaT == 0
 
 
-def _update_ipt(state: dict[str, Any], adapter: Mapping[str, Any], grads: Mapping[str, Any], plan) -> dict:
+def _update_ipt(
+    state: dict[str, Any], adapter: Mapping[str, Any], grads: Mapping[str, Any], plan: AdaLoraPlan
+) -> dict[str, Any]:
     b1, b2 = plan.config.beta1, plan.config.beta2
-    avg_ipt, avg_unc = {}, {}
+    avg_ipt: dict[str, dict[str, jax.Array]] = {}
+    avg_unc: dict[str, dict[str, jax.Array]] = {}
     for n in plan.layers:
         avg_ipt[n], avg_unc[n] = {}, {}
         for p in _PARTS:
@@ -458,8 +446,7 @@ def update_and_allocate(
     state (``state["rank_pattern"]``: ``{"<module>.lora_E": [bool] * r}`` once a mask was
     taken; ``state["budget"]``) and the adapter with pruned ``E`` entries zeroed.
     """
-    config = plan.config
-    final = config.total_step - config.tfinal
+    final = _budgeting_end(plan.config)
     state = dict(allocator_state)
     if step < final:
         state = _update_ipt(state, adapter, grads, plan)
@@ -501,22 +488,45 @@ def prune_adapter(adapter: Mapping[str, Any], plan: AdaLoraPlan, rank_pattern: M
     return {**adapter, "adalora": entries}
 
 
-def set_rank_pattern(
-    peft_model: Any, rank_pattern: Mapping[str, list], adapter_name: str = "default"
-) -> None:
-    """Records ``rank_pattern`` in the adapter's config and prunes the adapter to it.
+def with_rank_pattern(
+    plan: AdaLoraPlan, adapter: Mapping[str, Any], rank_pattern: Mapping[str, list], binding: Binding
+) -> method.AdapterState:
+    """The adapter with ``rank_pattern`` recorded in its config and its tensors pruned to it.
 
-    Outputs do not change (pruned triplets have ``E = 0``); ``save_pretrained`` then writes
-    the pruned tensors and the pattern exactly as PEFT does after ``update_and_allocate``.
+    Outputs do not change (pruned triplets have ``E = 0``); saving the result writes the
+    pruned tensors and the pattern exactly as PEFT does after ``update_and_allocate``.
     """
-    plan = peft_model._plans[adapter_name]
-    full = {k.replace(f".{adapter_name}", ""): [bool(b) for b in v] for k, v in rank_pattern.items()}
-    config = dataclasses.replace(peft_model.peft_config[adapter_name], rank_pattern=full)
-    new_plan = prepare(config, peft_model._binding)
-    new_plan = dataclasses.replace(new_plan, config=config)
-    peft_model.adapters[adapter_name] = prune_adapter(peft_model.adapters[adapter_name], plan, full)
-    peft_model.peft_config[adapter_name] = config
-    peft_model._plans[adapter_name] = new_plan
+    full = {k: [bool(b) for b in v] for k, v in rank_pattern.items()}
+    config = dataclasses.replace(plan.config, rank_pattern=full)
+    new_plan = dataclasses.replace(prepare(config, binding), config=config)
+    return method.AdapterState(config, new_plan, prune_adapter(adapter, plan, full))
 
 
-registry.register(PeftType.ADALORA, AdaLoraConfig, sys.modules[__name__])
+def finalize_allocation(
+    state: Mapping[str, Any], step: int, plan: AdaLoraPlan, adapter: Mapping[str, Any], binding: Binding
+) -> method.AdapterState | None:
+    """At ``total_step - tfinal`` the final rank pattern is applied (:func:`with_rank_pattern`)."""
+    if step != _budgeting_end(plan.config):
+        return None
+    return with_rank_pattern(plan, adapter, state["rank_pattern"], binding)
+
+
+METHOD: method.Method[AdaLoraPlan] = method.Method(
+    prepare=prepare,
+    init_params=init_params,
+    apply_overrides=apply_overrides,
+    key_entries=key_entries,
+    counted_in_total=counted_in_total,
+    layer_forward=layer_forward,
+    merge=merge,
+    merge_record=merge_record,
+    unmerge=unmerge,
+    adapter_specs=adapter_specs,
+    check_new_adapter=lora.check_new_adapter,
+    allocator_init=allocator_init,
+    update_and_allocate=update_and_allocate,
+    finalize_allocation=finalize_allocation,
+    with_rank_pattern=with_rank_pattern,
+)
+
+registry.register(PeftType.ADALORA, AdaLoraConfig, METHOD, kind="layer", mixable=True)

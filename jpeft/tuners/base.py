@@ -13,64 +13,31 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jpeft.config import TASK_HEAD_MODULES, TaskType
+from jpeft.core.architectures import default_targets
+from jpeft.core.method import PEFT_PREFIX, KeyEntry
 from jpeft.core.modules import ModuleInfo
 from jpeft.core.targets import ALL_LINEAR, maybe_compact_targets, modules_to_save_names, select_targets
 from jpeft.core.tree import Path, PyTree, get_path, iter_leaves, set_path
 from jpeft.errors import ConfigError
 from jpeft.interop.torch_names import torch_leaf
 
-PEFT_PREFIX = "base_model.model."
+if TYPE_CHECKING:
+    from jpeft.bindings.protocol import Binding
 
-
-@dataclasses.dataclass(frozen=True)
-class KeyEntry:
-    """One tensor of a PEFT checkpoint.
-
-    Attributes:
-      key: the PEFT key without the ``base_model.model.`` prefix.
-      tree: ``"adapter"`` for the adapter's own tree, ``"base"`` for the base params
-        (PEFT's ``save_embedding_layers``).
-      path: where the value lives in that tree.
-      perm: axis permutation taking the Flax array to torch's layout (``None``: same).
-      load: ``False`` for tensors PEFT writes but that carry nothing to load (they are
-        written, and accepted without a warning when read).
-      prefix: the key's prefix in the file; ``base_model.model.`` for module tensors,
-        ``base_model.`` for tensors that belong to the tuner itself (VeRA's shared
-        projections).
-    """
-
-    key: str
-    tree: Literal["adapter", "base"]
-    path: Path
-    perm: tuple[int, ...] | None = None
-    load: bool = True
-    prefix: str = PEFT_PREFIX
-
-    @property
-    def file_key(self) -> str:
-        return self.prefix + self.key
-
-    def to_torch(self, value: Any) -> np.ndarray:
-        array = np.asarray(value)
-        return np.ascontiguousarray(array.transpose(self.perm) if self.perm else array)
-
-    def from_torch(self, array: np.ndarray) -> np.ndarray:
-        if not self.perm:
-            return array
-        return array.transpose(np.argsort(self.perm))
-
-    def torch_shape(self, flax_shape: Sequence[int]) -> tuple[int, ...]:
-        shape = tuple(flax_shape)
-        return tuple(shape[i] for i in self.perm) if self.perm else shape
+__all__ = ["PEFT_PREFIX", "KeyEntry"]  # re-exported: tuners build their key tables from them
 
 
 def resolve_targets(
-    config: Any, binding: Any, *, supported_kinds: tuple[str, ...] = ("linear", "embedding")
+    config: Any,
+    binding: Binding,
+    *,
+    supported_kinds: tuple[str, ...] = ("linear", "embedding"),
+    defaults_of: str = "LORA",
 ) -> tuple[Any, list[str]]:
     """PEFT's target resolution for LoRA-style configs: ``(config as saved, targeted module names)``.
 
@@ -78,8 +45,6 @@ def resolve_targets(
     model type; ``"all-linear"`` expands to every linear layer except the output embedding
     (or, for ``SEQ_CLS`` without one, the classifier head); long lists are compacted.
     """
-    from jpeft.bindings.hf_flax import DEFAULT_LORA_TARGETS
-
     modules: Mapping[str, ModuleInfo] = binding.modules
     changes: dict[str, Any] = {}
     heads = TASK_HEAD_MODULES.get(config.task_type) if config.task_type else None
@@ -87,7 +52,7 @@ def resolve_targets(
         changes["modules_to_save"] = [*(config.modules_to_save or []), *heads]
     target_modules = config.target_modules
     if target_modules is None:
-        target_modules = DEFAULT_LORA_TARGETS.get(binding.model_type or "")
+        target_modules = default_targets(defaults_of, binding.model_type)
         if target_modules is None:
             raise ConfigError(
                 f"Please specify target_modules in peft_config: jpeft has no default for model type "

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -38,45 +37,13 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.config import TASK_HEAD_MODULES, PeftConfig, PeftType, TaskType
-from jpeft.core import registry
+from jpeft.core import method, registry
+from jpeft.core.architectures import architecture, default_targets
 from jpeft.core.modules import ModuleInfo
 from jpeft.core.targets import ALL_LINEAR, select_targets
 from jpeft.core.tree import PyTree, count_params, get_path, set_path
 from jpeft.errors import ConfigError
 from jpeft.tuners import base
-
-# PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and ..._FEEDFORWARD_MODULES_MAPPING
-# (peft 0.21.2), for the model types that have Flax implementations in transformers 4.x.
-DEFAULT_IA3_TARGETS: dict[str, list[str]] = {
-    "t5": ["k", "v", "wo"],
-    "mt5": ["k", "v", "wi_1"],
-    "gpt2": ["c_attn", "mlp.c_proj"],
-    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
-    "roberta": ["key", "value", "output.dense"],
-    "opt": ["q_proj", "k_proj", "fc2"],
-    "gptj": ["q_proj", "v_proj", "fc_out"],
-    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
-    "bart": ["q_proj", "v_proj", "fc2"],
-    "llama": ["k_proj", "v_proj", "down_proj"],
-    "mistral": ["k_proj", "v_proj", "down_proj"],
-    "bert": ["key", "value", "output.dense"],
-    "gemma": ["q_proj", "v_proj", "down_proj"],
-}
-DEFAULT_IA3_FEEDFORWARD: dict[str, list[str]] = {
-    "t5": ["wo"],
-    "mt5": [],
-    "gpt2": ["mlp.c_proj"],
-    "bloom": ["mlp.dense_4h_to_h"],
-    "roberta": ["output.dense"],
-    "opt": ["fc2"],
-    "gptj": ["fc_out"],
-    "gpt_neo": ["c_proj"],
-    "bart": ["fc2"],
-    "llama": ["down_proj"],
-    "mistral": ["down_proj"],
-    "bert": ["output.dense"],
-    "gemma": ["down_proj"],
-}
 
 # Divisor used instead of an exact zero in ``l`` when unmerging (PEFT adds it to every entry).
 _UNMERGE_EPS = 1e-8
@@ -153,12 +120,10 @@ class IA3Config(PeftConfig):
                     raise ConfigError(f"`{name}` {value!r} is not a valid regex: {err}.") from None
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerPlan:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerPlan(method.LayerPlan):
     """Static facts about one adapted layer (never traced)."""
 
-    info: ModuleInfo
-    index: int
     is_feedforward: bool
 
     @property
@@ -168,18 +133,12 @@ class LayerPlan:
         return (1, self.info.in_features) if self.is_feedforward else (self.info.out_features, 1)
 
 
-@dataclasses.dataclass(frozen=True)
-class IA3Plan:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IA3Plan(method.Plan):
     """One IA3 adapter resolved against one model."""
 
     config: IA3Config
-    layers: dict[str, LayerPlan]
-    modules: Mapping[str, ModuleInfo]
-    modules_to_save: tuple[str, ...]
-
-    @property
-    def hooked(self) -> frozenset[str]:
-        return frozenset(self.layers)
+    layers: Mapping[str, LayerPlan]
 
 
 # --------------------------------------------------------------------------- resolve
@@ -244,7 +203,7 @@ def prepare(config: IA3Config, binding: Any) -> IA3Plan:
     ``fan_in_fan_out`` corrected for ``Conv1D`` targets; exactly the changes PEFT makes.
     """
     modules: Mapping[str, ModuleInfo] = binding.modules
-    model_type = getattr(binding, "model_type", None) or ""
+    model_type = binding.model_type or ""
     changes: dict[str, Any] = {}
 
     heads = TASK_HEAD_MODULES.get(config.task_type) if config.task_type else None
@@ -252,14 +211,15 @@ def prepare(config: IA3Config, binding: Any) -> IA3Plan:
         changes["modules_to_save"] = [*(config.modules_to_save or []), *heads]
 
     if config.target_modules is None:
-        if model_type not in DEFAULT_IA3_TARGETS:
+        default = default_targets("IA3", model_type)
+        if default is None:
             raise ConfigError(
                 f"Please specify `target_modules` in `peft_config`: jpeft has no IA3 default for model type "
                 f"{model_type or None!r}. List the module names to adapt (see `jpeft.named_modules(model)`)."
             )
-        changes["target_modules"] = list(DEFAULT_IA3_TARGETS[model_type])
+        changes["target_modules"] = default
     elif isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
-        exclude = set(getattr(binding, "output_embedding_names", ()))
+        exclude = set(binding.output_embedding_names)
         if not exclude and config.task_type == TaskType.SEQ_CLS:
             for head in ("score", "classifier"):
                 if head in modules:
@@ -269,12 +229,13 @@ def prepare(config: IA3Config, binding: Any) -> IA3Plan:
             name for name, info in modules.items() if info.kind == "linear" and name not in exclude
         ]
     if config.feedforward_modules is None:
-        if model_type not in DEFAULT_IA3_FEEDFORWARD:
+        row = architecture(model_type)
+        if row is None or "IA3" not in row.targets:
             raise ConfigError(
                 f"Please specify `feedforward_modules` in `peft_config`: jpeft has no IA3 default for model type "
                 f"{model_type or None!r}. Pass the names of the targets whose input is scaled (`[]` for none)."
             )
-        changes["feedforward_modules"] = list(DEFAULT_IA3_FEEDFORWARD[model_type])
+        changes["feedforward_modules"] = list(row.feedforward)
     if changes:
         config = _resolved(config, **changes)
 
@@ -350,6 +311,7 @@ def layer_forward(
     """The layer's output with this adapter's vector applied (PEFT's ``Linear.forward``)."""
     del config, train, key  # IA3 has no dropout and no scaling factor
     info = layer.info
+    assert info.weight_name is not None, info.name  # every linear module names its weight
     vector = adapter["ia3"][info.name]["ia3_l"].reshape(-1)
     if not layer.is_feedforward:
         # y = l * (W x + b): the bias is scaled too.
@@ -466,4 +428,24 @@ def adapter_specs(plan: IA3Plan, adapter: Mapping[str, Any], base_specs: PyTree)
     return {"ia3": ia3, "modules_to_save": saved, "bias": {}}
 
 
-registry.register(PeftType.IA3, IA3Config, sys.modules[__name__])
+def innermost_layers(plan: IA3Plan) -> frozenset[str]:
+    """Feed-forward layers: IA3 rescales their *input* and recomputes the output, so with other
+    adapters active on the same layer it must be the innermost one."""
+    return frozenset(name for name, layer in plan.layers.items() if layer.is_feedforward)
+
+
+METHOD: method.Method[IA3Plan] = method.Method(
+    prepare=prepare,
+    init_params=init_params,
+    apply_overrides=apply_overrides,
+    key_entries=key_entries,
+    counted_in_total=counted_in_total,
+    layer_forward=layer_forward,
+    merge=merge,
+    merge_record=merge_record,
+    unmerge=unmerge,
+    adapter_specs=adapter_specs,
+    innermost_layers=innermost_layers,
+)
+
+registry.register(PeftType.IA3, IA3Config, METHOD, kind="layer", mixable=True)

@@ -11,6 +11,8 @@ Adapter tree (Flax orientation, so ``x @ A @ B`` needs no transposes)::
      "modules_to_save": {module: subtree}, "bias": {leaf path: array}}
 
 For embeddings ``lora_A`` is ``(num_embeddings, r)`` and ``lora_B`` ``(r, dim)``.
+The config is :mod:`jpeft.tuners.lora_config`; the initialisers (PiSSA, OLoRA, LoftQ, ...)
+are :mod:`jpeft.tuners.lora_init`.
 
 References:
   Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021.
@@ -24,239 +26,44 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jpeft.config import PeftConfig, PeftType
-from jpeft.core import registry
+from jpeft.core import method, registry
 from jpeft.core.modules import ModuleInfo
 from jpeft.core.targets import get_pattern_key
 from jpeft.core.tree import PyTree, count_params, get_path, set_path
 from jpeft.errors import ConfigError
-from jpeft.quant.formats import is_quantized
-from jpeft.quant.loftq import loftq_init
-from jpeft.tuners import base, lowrank
+from jpeft.tuners import base, lora_init, lowrank
 
-_INITS = ("gaussian", "pissa", "olora", "loftq")
+# the configs live in lora_config (lora_init needs them too); both stay importable from here
+from jpeft.tuners.lora_config import LoftQConfig as LoftQConfig
+from jpeft.tuners.lora_config import LoraConfig
+
 # PEFT's save_embedding_layers="auto" saves the base weights of these when targeted.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoraConfig(PeftConfig):
-    """PEFT's ``LoraConfig``: the same fields, defaults and meanings.
-
-    Attributes:
-      r: rank of the update.
-      target_modules: module names or suffixes (list), a regex matched against the
-        whole name (string), ``"all-linear"``, or ``None`` for PEFT's default for the
-        model type.
-      exclude_modules: names/suffixes (list) or a full-match regex (string) to skip.
-      lora_alpha: scaling numerator: ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with
-        ``use_rslora``).
-      lora_dropout: dropout on the input of ``A`` in training.
-      fan_in_fan_out: PEFT's flag for ``Conv1D`` (GPT-2) targets; set automatically.
-      bias: ``"none"``, ``"all"`` (every parameter named ``*bias*`` trains) or
-        ``"lora_only"`` (the targeted layers' biases train).
-      use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
-      modules_to_save: modules (matched by name ending) trained in full and saved.
-      init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``"gaussian"``,
-        ``False`` (both random: not a no-op), ``"pissa"``/``"pissa_niter_K"`` or
-        ``"olora"`` (both also rewrite the base weights).
-      layers_to_transform, layers_pattern: restrict list targets to layer indexes.
-      rank_pattern, alpha_pattern: per-module ``r`` / ``lora_alpha`` by name regex.
-      use_dora: weight-decomposed LoRA (trained magnitude per output feature).
-      lora_bias: a trainable bias on ``B``.
-
-    Example:
-      >>> config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    """
-
-    peft_type: ClassVar[PeftType] = PeftType.LORA
-    unsupported_fields: ClassVar[dict[str, Any]] = {
-        "megatron_config": None,
-        "trainable_token_indices": None,
-        "eva_config": None,
-        "corda_config": None,
-        "lora_ga_config": None,
-        "velora_config": None,
-        "alora_invocation_tokens": None,
-        "use_qalora": False,
-        "monteclora_config": None,
-        "layer_replication": None,
-        "target_parameters": None,
-        "use_bdlora": None,
-        "arrow_config": None,
-        "kasa_config": None,
-        "ensure_weight_tying": False,
-    }
-
-    r: int = 8
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
-    init_lora_weights: bool | str = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
-    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
-    megatron_config: dict | None = None
-    megatron_core: str | None = "megatron.core"
-    trainable_token_indices: Any = None
-    loftq_config: dict | LoftQConfig = dataclasses.field(default_factory=dict)
-    eva_config: Any = None
-    corda_config: Any = None
-    lora_ga_config: Any = None
-    use_dora: bool = False
-    velora_config: Any = None
-    alora_invocation_tokens: Any = None
-    use_qalora: bool = False
-    qalora_group_size: int = 16
-    monteclora_config: Any = None
-    layer_replication: Any = None
-    lora_bias: bool = False
-    target_parameters: Any = None
-    use_bdlora: Any = None
-    arrow_config: Any = None
-    kasa_config: Any = None
-    ensure_weight_tying: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.target_modules, (list, tuple, set, frozenset)):
-            object.__setattr__(self, "target_modules", list(dict.fromkeys(self.target_modules)))
-        if isinstance(self.exclude_modules, (tuple, set, frozenset)):
-            object.__setattr__(self, "exclude_modules", list(self.exclude_modules))
-        if self.modules_to_save is not None:
-            object.__setattr__(self, "modules_to_save", list(self.modules_to_save))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
-
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"`r` should be a positive integer value but the value passed is {self.r!r}.")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ConfigError(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
-        if isinstance(self.target_modules, str) and (
-            self.layers_to_transform is not None or self.layers_pattern is not None
-        ):
-            raise ConfigError(
-                "`layers_to_transform` and `layers_pattern` apply only when `target_modules` is a list; a regex "
-                "string already selects whole names. Put the layer index in the regex or pass a list."
-            )
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError(
-                "When `layers_pattern` is specified, `layers_to_transform` must also be specified "
-                "(the indexes of the layers to adapt)."
-            )
-        if self.lora_bias and self.init_lora_weights not in (True, False):
-            raise ConfigError(
-                f"`lora_bias=True` works only with `init_lora_weights` True or False (as in PEFT), got "
-                f"{self.init_lora_weights!r}; drop one of the two."
-            )
-        if self.use_dora and self.lora_bias:
-            raise ConfigError(
-                "`use_dora=True` cannot be combined with `lora_bias=True` (as in PEFT); pick one."
-            )
-        loftq = self.loftq_config
-        if isinstance(loftq, LoftQConfig):
-            loftq = loftq.to_dict()
-        loftq = dict(loftq or {})
-        if loftq and self.init_lora_weights != "loftq":
-            warnings.warn(
-                "`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.",
-                stacklevel=3,
-            )
-            loftq = {}
-        if self.init_lora_weights == "loftq":
-            if not loftq:
-                raise ConfigError(
-                    "`loftq_config` must be specified when `init_lora_weights` is 'loftq', e.g. "
-                    "loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1)."
-                )
-            LoftQConfig(**loftq)  # validates
-        object.__setattr__(self, "loftq_config", loftq)
-        init = self.init_lora_weights
-        if not (
-            isinstance(init, bool)
-            or init in _INITS
-            or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))
-        ):
-            raise ConfigError(
-                f"`init_lora_weights={init!r}` is not supported by jpeft. Use True, False, 'gaussian', 'pissa', "
-                "'pissa_niter_K', 'olora' or 'loftq' (EVA, CorDA, LoRA-GA and orthogonal inits are not implemented)."
-            )
-        for pattern_field in ("rank_pattern", "alpha_pattern"):
-            for key in getattr(self, pattern_field):
-                try:
-                    re.compile(key)
-                except re.error as err:
-                    raise ConfigError(f"`{pattern_field}` key {key!r} is not a valid regex: {err}.") from None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LoftQConfig:
-    """PEFT's ``LoftQConfig``: pass it as ``LoraConfig(init_lora_weights="loftq", loftq_config=...)``.
-
-    LoftQ alternates quantizing the weight and a rank-``r`` SVD of what quantization lost;
-    the base weight becomes the dequantized ``Q`` and ``B A`` the low-rank correction, so
-    ``W ~ Q + B A`` (exactly PEFT's algorithm; the LoRA scaling is not compensated, so use
-    ``lora_alpha == r`` as PEFT's example does).
-
-    Attributes:
-      loftq_bits: 4 (NF4, bitsandbytes' blocks of 64) or 8 (int8 rows).
-      loftq_iter: alternating steps.
-    """
-
-    loftq_bits: int = 4
-    loftq_iter: int = 1
-
-    def __post_init__(self) -> None:
-        if self.loftq_bits not in (4, 8):
-            raise ConfigError(f"`loftq_bits` must be 4 or 8 (as PEFT), got {self.loftq_bits!r}.")
-        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
-            raise ConfigError(f"`loftq_iter` must be an int >= 1, got {self.loftq_iter!r}.")
-
-    def to_dict(self) -> dict[str, int]:
-        return {"loftq_bits": self.loftq_bits, "loftq_iter": self.loftq_iter}
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerPlan:
+class LayerPlan(method.LayerPlan):
     """Static facts about one adapted layer (never traced)."""
 
-    info: ModuleInfo
-    index: int
     r: int
     alpha: float
     scaling: float
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraPlan:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraPlan(method.Plan):
     """One LoRA adapter resolved against one model."""
 
     config: LoraConfig
-    layers: dict[str, LayerPlan]
-    modules: Mapping[str, ModuleInfo]
-    modules_to_save: tuple[str, ...]
-    bias_leaves: tuple[tuple[str, ...], ...]
-
-    @property
-    def hooked(self) -> frozenset[str]:
-        return frozenset(self.layers)
+    layers: Mapping[str, LayerPlan]
 
 
 # --------------------------------------------------------------------------- resolve
@@ -336,7 +143,7 @@ def prepare(config: LoraConfig, binding: Any) -> LoraPlan:
         targeted,
         modules,
         modules_to_save=modules_to_save,
-        buffers=getattr(binding, "buffer_paths", frozenset()),
+        buffers=binding.buffer_paths,
     )
     return LoraPlan(
         config=config,
@@ -350,147 +157,22 @@ def prepare(config: LoraConfig, binding: Any) -> LoraPlan:
 # --------------------------------------------------------------------------- init
 
 
-def _torch_weight(kernel: jax.Array, info: ModuleInfo) -> jax.Array:
-    """The layer weight as torch's ``nn.Linear`` holds it: ``(out, in)``."""
-    return kernel if info.kernel_transposed else kernel.T
-
-
-def _uniform(key: jax.Array, shape: tuple[int, ...], bound: float) -> jax.Array:
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
-def _svd_lowrank(
-    weight: jax.Array, r: int, niter: int, key: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Randomised rank-``r`` SVD (Halko et al.) with ``niter`` subspace iterations."""
-    m, n = weight.shape
-    q = min(r + 10, m, n)
-    omega = jax.random.normal(key, (n, q), weight.dtype)
-    basis, _ = jnp.linalg.qr(weight @ omega)
-    for _ in range(niter):
-        basis, _ = jnp.linalg.qr(weight.T @ basis)
-        basis, _ = jnp.linalg.qr(weight @ basis)
-    u_small, s, vh = jnp.linalg.svd(basis.T @ weight, full_matrices=False)
-    return (basis @ u_small)[:, :r], s[:r], vh[:r]
-
-
-def _init_linear(layer: LayerPlan, config: LoraConfig, kernel: jax.Array, key: jax.Array):
-    """Returns ``(lora_A (in, r), lora_B (r, out), new kernel or None)``."""
-    info, r, s = layer.info, layer.r, layer.scaling
-    in_f, out_f = info.in_features, info.out_features
-    key_a, key_b = jax.random.split(key)
-    init = config.init_lora_weights
-    if isinstance(init, str) and init.startswith("pissa"):
-        weight = _torch_weight(kernel, info).astype(jnp.float32)  # (out, in)
-        if init == "pissa":
-            u, sv, vh = jnp.linalg.svd(weight, full_matrices=False)
-            u, sv, vh = u[:, :r], sv[:r], vh[:r]
-        else:
-            u, sv, vh = _svd_lowrank(weight, r, int(init.split("_niter_")[-1]), key_a)
-        sv = sv / s
-        lora_a_t = jnp.sqrt(sv)[:, None] * vh  # (r, in)
-        lora_b_t = u * jnp.sqrt(sv)[None, :]  # (out, r)
-        residual = weight - s * lora_b_t @ lora_a_t
-        new_kernel = (residual if info.kernel_transposed else residual.T).astype(kernel.dtype)
-        return lora_a_t.T, lora_b_t.T, new_kernel
-    if init == "loftq":
-        loftq = LoftQConfig(**config.loftq_config)
-        weight = _torch_weight(kernel, info).astype(jnp.float32)  # (out, in), as PEFT quantizes it
-        q, lora_a_t, lora_b_t = loftq_init(weight, bits=loftq.loftq_bits, iters=loftq.loftq_iter, rank=r)
-        new_kernel = (q if info.kernel_transposed else q.T).astype(kernel.dtype)
-        return lora_a_t.T, lora_b_t.T, new_kernel
-    if init == "olora":
-        weight = _torch_weight(kernel, info).astype(jnp.float32)
-        q, rr = jnp.linalg.qr(weight)
-        lora_a_t, lora_b_t = rr[:r], q[:, :r]
-        residual = weight - s * lora_b_t @ lora_a_t
-        new_kernel = (residual if info.kernel_transposed else residual.T).astype(kernel.dtype)
-        return lora_a_t.T, lora_b_t.T, new_kernel
-    if init is True:
-        lora_a = _uniform(key_a, (in_f, r), 1.0 / math.sqrt(in_f))
-    elif init == "gaussian":
-        lora_a = jax.random.normal(key_a, (in_f, r), jnp.float32) / r
-    else:  # False: both keep nn.Linear's default init
-        lora_a = _uniform(key_a, (in_f, r), 1.0 / math.sqrt(in_f))
-        return lora_a, _uniform(key_b, (r, out_f), 1.0 / math.sqrt(r)), None
-    return lora_a, jnp.zeros((r, out_f), jnp.float32), None
-
-
-def _init_embedding(layer: LayerPlan, config: LoraConfig, key: jax.Array):
-    vocab, dim, r = layer.info.in_features, layer.info.out_features, layer.r
-    key_a, key_b = jax.random.split(key)
-    lora_b = jax.random.normal(key_b, (r, dim), jnp.float32)
-    if config.init_lora_weights is False:
-        return jax.random.normal(key_a, (vocab, r), jnp.float32), lora_b
-    return jnp.zeros((vocab, r), jnp.float32), lora_b
-
-
-def _dora_weight_norm(
-    weight_io: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scaling: float
-) -> jax.Array:
-    """``||W + s A B||`` per output feature, for ``weight_io`` laid out ``(in, out)``."""
-    adapted = weight_io.astype(lora_a.dtype) + scaling * (lora_a @ lora_b)
-    return jnp.linalg.norm(adapted, axis=0)
-
-
-def _weight_io(kernel: jax.Array, info: ModuleInfo) -> jax.Array:
-    """The weight laid out ``(in, out)`` (embeddings: ``(vocab, dim)``)."""
-    return kernel.T if info.kernel_transposed else kernel
-
-
 def init_params(plan: LoraPlan, base_params: PyTree, key: jax.Array) -> tuple[dict[str, Any], PyTree | None]:
     """Creates the adapter tree; returns ``(adapter, new base params or None)``.
 
-    PiSSA and OLoRA move the principal part of each weight into the adapter, so they
-    return a new base tree (the input is not changed).
+    PiSSA, OLoRA and LoftQ move part of each weight into the adapter, so they return a
+    new base tree (the input is not changed); see :mod:`jpeft.tuners.lora_init`.
     """
-    config = plan.config
     lora: dict[str, dict[str, jax.Array]] = {}
     new_base = None
     for name, layer in plan.layers.items():
-        info = layer.info
+        path = layer.info.weight_path
         layer_key = jax.random.fold_in(key, layer.index)
-        kernel = get_path(base_params, info.weight_path)
-        stored = kernel  # a QuantizedArray on a quantized base: inits read the decoded weight
-        if is_quantized(kernel):
-            if config.init_lora_weights == "loftq":
-                raise ConfigError(
-                    f"init_lora_weights='loftq' on {name}, whose kernel is already quantized: LoftQ quantizes "
-                    "the base itself. Apply it to the full-precision model (then `jpeft.quantize_model` "
-                    "reproduces LoftQ's Q exactly)."
-                )
-            kernel = kernel.dequantize(kernel.dtype)
-        if info.kind == "embedding":
-            if config.init_lora_weights == "loftq":
-                raise ConfigError(
-                    f"init_lora_weights='loftq' targets embedding {name}; LoftQ applies to linear layers (PEFT's "
-                    "embedding LoftQ path fails). Leave embeddings out of `target_modules`."
-                )
-            lora_a, lora_b = _init_embedding(layer, config, layer_key)
-            entry = {"lora_A": lora_a, "lora_B": lora_b}
-        else:
-            lora_a, lora_b, new_kernel = _init_linear(layer, config, kernel, layer_key)
-            entry = {"lora_A": lora_a, "lora_B": lora_b}
-            if new_kernel is not None:
-                kernel = new_kernel
-                if is_quantized(stored):  # PiSSA/OLoRA residual, quantized again
-                    new_kernel = stored.replace_boxed(new_kernel)
-                    kernel = new_kernel.dequantize(stored.dtype)
-                new_base = set_path(
-                    new_base if new_base is not None else base_params, info.weight_path, new_kernel
-                )
-            if config.lora_bias:
-                bias = (
-                    _uniform(jax.random.fold_in(layer_key, 7), (info.out_features,), 1.0 / math.sqrt(layer.r))
-                    if config.init_lora_weights is False
-                    else jnp.zeros((info.out_features,), jnp.float32)
-                )
-                entry["lora_B_bias"] = bias
-        if config.use_dora:
-            entry["lora_magnitude_vector"] = _dora_weight_norm(
-                _weight_io(kernel, info), entry["lora_A"], entry["lora_B"], layer.scaling
-            )
-        lora[name] = entry
+        lora[name], new_weight = lora_init.init_layer(
+            layer, plan.config, get_path(base_params, path), layer_key
+        )
+        if new_weight is not None:
+            new_base = set_path(new_base if new_base is not None else base_params, path, new_weight)
     overrides = base.init_overrides(
         new_base if new_base is not None else base_params,
         plan.modules_to_save,
@@ -520,6 +202,7 @@ def layer_forward(
 ) -> jax.Array:
     """The layer's output with this adapter's contribution added (PEFT's forward)."""
     info = layer.info
+    assert info.weight_name is not None, info.name  # every linear and embedding module names its weight
     params = adapter["lora"][info.name]
     lora_a, lora_b = params["lora_A"], params["lora_B"]
     s = layer.scaling
@@ -527,7 +210,7 @@ def layer_forward(
         delta = jnp.take(lora_a, x, axis=0) @ lora_b * s
         if config.use_dora:
             weight = module_params[info.weight_name]
-            norm = jax.lax.stop_gradient(_dora_weight_norm(weight, lora_a, lora_b, s))
+            norm = jax.lax.stop_gradient(lora_init.dora_weight_norm(weight, lora_a, lora_b, s))
             mag = params["lora_magnitude_vector"] / norm
             return (mag * out + mag * delta).astype(out.dtype)
         return (out + delta).astype(out.dtype)
@@ -544,8 +227,8 @@ def layer_forward(
         return (out + result).astype(out.dtype)
     lora_out = lowrank.product(xa, lora_a, lora_b, 1.0, train=train)
 
-    weight_io = _weight_io(module_params[info.weight_name], info)
-    norm = jax.lax.stop_gradient(_dora_weight_norm(weight_io, lora_a, lora_b, s))
+    weight_io = lora_init.weight_io(module_params[info.weight_name], info)
+    norm = jax.lax.stop_gradient(lora_init.dora_weight_norm(weight_io, lora_a, lora_b, s))
     mag = params["lora_magnitude_vector"] / norm
     if dropped:
         base_no_bias = xa @ weight_io.astype(xa.dtype)
@@ -625,7 +308,9 @@ def delta_weight(layer: LayerPlan, params: Mapping[str, jax.Array]) -> jax.Array
 
 def _dora_factor(layer: LayerPlan, weight: jax.Array, lp: Mapping[str, jax.Array]) -> jax.Array:
     """``m / ||W + s A B||`` broadcast against the Flax weight's layout."""
-    norm = _dora_weight_norm(_weight_io(weight, layer.info), lp["lora_A"], lp["lora_B"], layer.scaling)
+    norm = lora_init.dora_weight_norm(
+        lora_init.weight_io(weight, layer.info), lp["lora_A"], lp["lora_B"], layer.scaling
+    )
     factor = lp["lora_magnitude_vector"] / norm
     return factor[:, None] if layer.info.kernel_transposed else factor[None, :]
 
@@ -721,29 +406,34 @@ def key_entries(
         set(plan.layers),
         include_wrapper_biases=plan.config.bias == "all",
     )
-    for name, layer in plan.layers.items():
-        if _saves_embedding(plan, name, save_embedding_layers):
+    return entries + embedding_layer_entries(plan.layers, save_embedding_layers)
+
+
+def embedding_layer_entries(
+    layers: Mapping[str, method.LayerPlan], save_embedding_layers: bool | str
+) -> list[base.KeyEntry]:
+    """The targeted base weights PEFT's ``save_embedding_layers`` writes, as ``<name>.base_layer.weight``."""
+    entries = []
+    for name, layer in layers.items():
+        if _saves_embedding(name, layer.info, save_embedding_layers):
             info = layer.info
             perm = (1, 0) if info.weight_name == "kernel" else None
             entries.append(base.KeyEntry(f"{name}.base_layer.weight", "base", info.weight_path, perm))
     return entries
 
 
-def _saves_embedding(plan: LoraPlan, name: str, save_embedding_layers: bool | str) -> bool:
+def _saves_embedding(name: str, info: ModuleInfo, save_embedding_layers: bool | str) -> bool:
     if save_embedding_layers is False:
         return False
     is_embedding_name = any(name == n or name.endswith("." + n) for n in EMBEDDING_LAYER_NAMES)
     if save_embedding_layers == "auto":
         return is_embedding_name
-    return is_embedding_name or plan.layers[name].info.kind == "embedding"
+    return is_embedding_name or info.kind == "embedding"
 
 
 def counted_in_total(plan: LoraPlan, adapter: Mapping[str, Any]) -> int:
     """Parameters PEFT adds to ``all params``: LoRA weights and module copies, not biases (those are base's)."""
     return count_params(adapter["lora"]) + count_params(adapter["modules_to_save"])
-
-
-registry.register(PeftType.LORA, LoraConfig, sys.modules[__name__])
 
 
 # --------------------------------------------------------------------------- sharding
@@ -775,3 +465,58 @@ def adapter_specs(plan: LoraPlan, adapter: Mapping[str, Any], base_specs: PyTree
     saved = {name: get_path(base_specs, plan.modules[name].path) for name in adapter["modules_to_save"]}
     biases = {key: get_path(base_specs, tuple(key.split("."))) for key in adapter["bias"]}
     return {"lora": lora, "modules_to_save": saved, "bias": biases}
+
+
+# --------------------------------------------------------------------------- rules PeftModel asks about
+
+
+def check_new_adapter(config: LoraConfig, existing: Sequence[PeftConfig]) -> None:
+    """PEFT's rule: only one adapter of a model may train biases."""
+    if config.bias != "none" and any(getattr(c, "bias", "none") != "none" for c in existing):
+        raise ValueError(
+            "LoraModel supports only 1 adapter with bias. When using multiple adapters, set bias to 'none' "
+            "for all adapters."
+        )
+
+
+def check_mixed_batch(config: LoraConfig, adapter: Mapping[str, Any]) -> None:
+    """PEFT refuses per-example adapters when DoRA is on."""
+    del adapter
+    if config.use_dora:
+        raise ValueError("Cannot pass `adapter_names` when DoRA is enabled, as in PEFT.")
+
+
+def config_for_save(config: LoraConfig) -> LoraConfig:
+    """PEFT's LoftQ workflow: the saved adapter must not re-run LoftQ when loaded (its base is the
+    LoftQ-replaced one, written by ``save_base_model``)."""
+    if config.init_lora_weights == "loftq":
+        return dataclasses.replace(config, init_lora_weights=True, loftq_config={})
+    return config
+
+
+def combine_adapters(*args: Any, **kwargs: Any) -> Any:
+    """PEFT's ``add_weighted_adapter``; see :func:`jpeft.tuners.lora_weighted.combine_adapters`."""
+    from jpeft.tuners import lora_weighted  # it builds on this module's prepare/init
+
+    return lora_weighted.combine_adapters(*args, **kwargs)
+
+
+METHOD: method.Method[LoraPlan] = method.Method(
+    prepare=prepare,
+    init_params=init_params,
+    apply_overrides=apply_overrides,
+    key_entries=key_entries,
+    counted_in_total=counted_in_total,
+    layer_forward=layer_forward,
+    merge=merge,
+    merge_record=merge_record,
+    unmerge=unmerge,
+    mixed_batch_forward=mixed_batch_forward,
+    adapter_specs=adapter_specs,
+    config_for_save=config_for_save,
+    check_new_adapter=check_new_adapter,
+    check_mixed_batch=check_mixed_batch,
+    combine_adapters=combine_adapters,
+)
+
+registry.register(PeftType.LORA, LoraConfig, METHOD, kind="layer", mixable=True)

@@ -35,17 +35,19 @@ import math
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
 
 from jpeft.config import PeftType
-from jpeft.tuners import merge_utils
+from jpeft.core.method import AdapterState, AdapterView
+from jpeft.core.tree import PyTree
+from jpeft.tuners import lora, merge_utils
 
 if TYPE_CHECKING:
-    from jpeft.peft_model import PeftModel
-    from jpeft.tuners.lora import LayerPlan
+    from jpeft.bindings.protocol import Binding
+    from jpeft.tuners.lora import LayerPlan, LoraPlan
 
 CombinationType = Literal[
     "svd",
@@ -60,21 +62,23 @@ CombinationType = Literal[
     "magnitude_prune",
     "magnitude_prune_svd",
 ]
-COMBINATION_TYPES: tuple[str, ...] = CombinationType.__args__  # type: ignore[attr-defined]
+COMBINATION_TYPES: tuple[str, ...] = get_args(CombinationType)
 _SAME_RANK_TYPES = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
 _SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-_DENSITY_TYPES = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd")
-_DENSITY_TYPES += ("magnitude_prune", "magnitude_prune_svd")
+_DENSITY_TYPES = (
+    *("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd"),
+    *("magnitude_prune", "magnitude_prune_svd"),
+)
 
 # ``(module name, shape, density) -> keep mask``: called once per tensor DARE prunes.
 DareMaskFn = Callable[[str, tuple[int, ...], float], jax.Array]
 
 
-def add_weighted_adapter(
-    peft_model: PeftModel,
-    adapters: Sequence[str],
+def combine_adapters(
+    sources: Sequence[AdapterView],
     weights: Sequence[float],
-    adapter_name: str,
+    binding: Binding,
+    base_params: PyTree,
     combination_type: CombinationType = "svd",
     svd_rank: int | None = None,
     svd_clamp: float | None = None,
@@ -85,20 +89,20 @@ def add_weighted_adapter(
     key: jax.Array | None = None,
     svd_driver: str | None = None,
     dare_mask_fn: DareMaskFn | None = None,
-) -> None:
-    """Adds ``adapter_name``, a weighted combination of LoRA ``adapters`` (PEFT's ``add_weighted_adapter``).
+) -> tuple[AdapterState, PyTree | None]:
+    """A new adapter, the weighted combination of LoRA adapters ``sources`` (PEFT's ``add_weighted_adapter``).
 
-    As in PEFT, an ``adapter_name`` that already exists makes the call a silent no-op, a single
-    adapter always combines ``linear``, and the new adapter is frozen and not active (use
+    A pure function: ``PeftModel.add_weighted_adapter`` stores what it returns. As in PEFT, a
+    single adapter always combines ``linear``, and the new adapter is frozen and not active (use
     ``set_adapter``). Its config copies the first adapter's, so ``use_rslora``, ``use_dora``
     (magnitude left at its initial value), ``modules_to_save`` (fresh copies of the base) and
     ``layers_to_transform`` come from there.
 
     Args:
-      peft_model: a :class:`jpeft.PeftModel` holding LoRA adapters.
-      adapters: names of the adapters to combine.
+      sources: the adapters to combine (``PeftModel``'s read-only views).
       weights: one weight per adapter; negative weights subtract.
-      adapter_name: the new adapter's name.
+      binding: the model's binding (the new adapter is resolved against it).
+      base_params: the base params (the new adapter's init reads them).
       combination_type: ``svd``, ``linear``, ``cat``, ``ties``, ``ties_svd``, ``dare_ties``,
         ``dare_linear``, ``dare_ties_svd``, ``dare_linear_svd``, ``magnitude_prune`` or
         ``magnitude_prune_svd``. ``cat`` and ``svd`` are exact (``svd`` up to the rank cut);
@@ -130,19 +134,21 @@ def add_weighted_adapter(
         ``density``, or an ``svd_rank`` larger than a layer allows.
       TypeError: the adapters are not LoRA adapters.
 
+    Returns:
+      ``(AdapterState of the new adapter, new base params or None)`` (a PiSSA/OLoRA config
+      re-runs its init, which rewrites the base, as in PEFT).
+
     Example:
-      >>> add_weighted_adapter(peft_model, ["a", "b"], [0.7, 0.3], "ab", combination_type="cat")
+      >>> peft_model.add_weighted_adapter(["a", "b"], [0.7, 0.3], "ab", combination_type="cat")
       >>> peft_model.set_adapter("ab")
     """
-    if adapter_name in peft_model.peft_config:
-        return  # PEFT returns silently here too
-    combination_type, new_rank, new_targets = _check(
-        peft_model, list(adapters), list(weights), combination_type, svd_rank, svd_clamp, density, svd_driver
+    resolved_type, new_rank, new_targets = _check(
+        list(sources), list(weights), combination_type, svd_rank, svd_clamp, density, svd_driver
     )
-    first = peft_model.peft_config[adapters[0]]
+    first = sources[0].config
     if isinstance(first.init_lora_weights, str) and first.init_lora_weights.startswith(("pissa", "olora")):
         warnings.warn(
-            f"adapter {adapters[0]!r} uses init_lora_weights={first.init_lora_weights!r}; the combined adapter "
+            f"adapter {sources[0].name!r} uses init_lora_weights={first.init_lora_weights!r}; the combined adapter "
             "copies its config, so creating it runs that init again and rewrites the base weights, as in PEFT. "
             "Convert the adapters to plain LoRA first to keep the base unchanged.",
             stacklevel=2,
@@ -157,35 +163,36 @@ def add_weighted_adapter(
     )
     key = jax.random.key(0) if key is None else key
     init_key, dare_key = jax.random.split(key)
-    base_before = peft_model.base_params
-    peft_model.add_adapter(adapter_name, config, key=init_key)
-    try:
-        _fill(
-            peft_model,
-            list(adapters),
-            [float(w) for w in weights],
-            adapter_name,
-            combination_type,
-            new_rank,
-            svd_clamp,
-            svd_full_matrices,
-            density,
-            majority_sign_method,
-            dare_key,
-            dare_mask_fn,
-        )
-    except Exception:
-        peft_model.delete_adapter(adapter_name)
-        peft_model.base_params = base_before
-        raise
+    plan = lora.prepare(config, binding)
+    adapter, new_base = lora.init_params(plan, base_params, init_key)
+    combined = _fill(
+        list(sources),
+        plan,
+        adapter,
+        [float(w) for w in weights],
+        resolved_type,
+        new_rank,
+        svd_clamp,
+        svd_full_matrices,
+        density,
+        majority_sign_method,
+        dare_key,
+        dare_mask_fn,
+    )
+    return AdapterState(plan.config, plan, combined), new_base
+
+
+def add_weighted_adapter(peft_model: Any, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                         combination_type: CombinationType = "svd", **kwargs: Any) -> None:  # fmt: skip
+    """``peft_model.add_weighted_adapter(...)`` as a function (arguments as :func:`combine_adapters`)."""
+    peft_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, **kwargs)
 
 
 # --------------------------------------------------------------------------- checks
 
 
 def _check(
-    peft_model: PeftModel,
-    adapters: list[str],
+    sources: list[AdapterView],
     weights: list[float],
     combination_type: str,
     svd_rank: int | None,
@@ -194,26 +201,19 @@ def _check(
     svd_driver: str | None,
 ) -> tuple[str, int, list[str] | str]:
     """PEFT's ``_check_add_weighted_adapter``: ``(combination type, new rank, new target_modules)``."""
-    if not adapters:
-        raise ValueError(
-            "Found no adapter matching the names in []: pass the names of the adapters to combine."
-        )
-    for adapter in adapters:
-        if adapter not in peft_model.peft_config:
-            raise ValueError(
-                f"Adapter {adapter} does not exist; existing adapters: {sorted(peft_model.peft_config)}."
-            )
+    adapters = [source.name for source in sources]
+    configs = {source.name: source.config for source in sources}
     if len(weights) != len(adapters):
         raise ValueError(
             f"got {len(weights)} weights for {len(adapters)} adapters; pass one weight per adapter."
         )
     for adapter in adapters:
-        peft_type = peft_model.peft_config[adapter].peft_type
+        peft_type = configs[adapter].peft_type
         if peft_type != PeftType.LORA:
             raise TypeError(
                 f"add_weighted_adapter combines LoRA adapters only; adapter {adapter!r} is {peft_type.value}."
             )
-        if getattr(peft_model.peft_config[adapter], "target_parameters", None):
+        if getattr(configs[adapter], "target_parameters", None):
             raise ValueError(
                 f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter '{adapter}')"
             )
@@ -228,9 +228,7 @@ def _check(
         )
 
     # PEFT counts every listed adapter (a name listed twice counts twice).
-    copies = collections.Counter(
-        module for adapter in adapters for module in set(peft_model._plans[adapter].modules_to_save)
-    )
+    copies = collections.Counter(module for source in sources for module in set(source.plan.modules_to_save))
     shared = sorted(module for module, count in copies.items() if count > 1)
     if shared:
         raise ValueError(
@@ -242,7 +240,7 @@ def _check(
     combination_type = "linear" if len(adapters) == 1 else combination_type
     ranks = [
         config.r if not config.rank_pattern else max(config.r, *config.rank_pattern.values())
-        for config in (peft_model.peft_config[adapter] for adapter in adapters)
+        for config in (configs[adapter] for adapter in adapters)
     ]
     if combination_type in _SAME_RANK_TYPES:
         if len(set(ranks)) != 1:
@@ -268,7 +266,7 @@ def _check(
     if combination_type in _SVD_TYPES and svd_clamp is not None and not 0.0 <= svd_clamp <= 1.0:
         raise ValueError(f"`svd_clamp` is a quantile and must be in [0, 1], got {svd_clamp}.")
 
-    targets = [peft_model.peft_config[adapter].target_modules for adapter in adapters]
+    targets = [configs[adapter].target_modules for adapter in adapters]
     if len({isinstance(t, str) for t in targets}) > 1:
         raise ValueError(
             "all adapter configs should follow the same target modules type. "
@@ -285,10 +283,10 @@ def _check(
 
 
 def _fill(
-    peft_model: PeftModel,
-    adapters: list[str],
+    sources_in: list[AdapterView],
+    new_plan: LoraPlan,
+    new_adapter: PyTree,
     weights: list[float],
-    adapter_name: str,
     combination_type: str,
     new_rank: int,
     svd_clamp: float | None,
@@ -297,17 +295,17 @@ def _fill(
     majority_sign_method: str,
     dare_key: jax.Array,
     dare_mask_fn: DareMaskFn | None,
-) -> None:
-    """Computes every layer of the new adapter and writes it into ``peft_model.adapters``."""
-    plans = peft_model._plans
-    tree = peft_model.adapters[adapter_name]
+) -> PyTree:
+    """``new_adapter`` with every layer computed from ``sources_in``."""
+    adapters = [source.name for source in sources_in]
+    tree = new_adapter
     lora = dict(tree["lora"])
     dare = combination_type.startswith("dare")
-    for name in plans[adapter_name].layers:
+    for name in new_plan.layers:
         sources = [
-            (plans[adapter].layers[name], peft_model.adapters[adapter]["lora"][name], weight)
-            for adapter, weight in zip(adapters, weights, strict=True)
-            if name in plans[adapter].layers
+            (source.plan.layers[name], source.adapter["lora"][name], weight)
+            for source, weight in zip(sources_in, weights, strict=True)
+            if name in source.plan.layers
         ]
         if not sources:
             raise ValueError(
@@ -384,7 +382,7 @@ def _fill(
         # back to the Flax layout: A (in, r), B (r, out)
         dtype = lora[name]["lora_A"].dtype
         lora[name] = {**lora[name], "lora_A": lora_a.T.astype(dtype), "lora_B": lora_b.T.astype(dtype)}
-    peft_model.adapters[adapter_name] = {**tree, "lora": lora}
+    return {**tree, "lora": lora}
 
 
 def _f32(values: Sequence[float]) -> jax.Array:
@@ -457,14 +455,9 @@ def _svd(
         deltas.append(delta.T if transposed else delta)
     if combination_type == "svd":
         delta = merge_utils.task_arithmetic(deltas, weights)
-    elif combination_type == "ties_svd":
-        delta = merge_utils.ties(deltas, weights, density, majority_sign_method)
-    elif combination_type == "dare_linear_svd":
-        delta = merge_utils.dare_linear(deltas, weights, density, key=key, masks=masks)
-    elif combination_type == "dare_ties_svd":
-        delta = merge_utils.dare_ties(deltas, weights, density, majority_sign_method, key=key, masks=masks)
     else:
-        delta = merge_utils.magnitude_prune(deltas, weights, density)
+        pruning = combination_type.removesuffix("_svd")
+        delta = _pruned_sum(pruning, deltas, weights, density, majority_sign_method, key, masks)
     if transposed:
         delta = delta.T
     u, s, vh = jnp.linalg.svd(delta, full_matrices=full_matrices)
@@ -500,14 +493,28 @@ def _per_factor(
     ):
         if combination_type == "linear":
             merged.append(merge_utils.task_arithmetic(tensors, weights))
-        elif combination_type == "ties":
-            merged.append(merge_utils.ties(tensors, weights, density, majority_sign_method))
-        elif combination_type == "dare_linear":
-            merged.append(merge_utils.dare_linear(tensors, weights, density, key=key, masks=masks))
-        elif combination_type == "dare_ties":
-            merged.append(
-                merge_utils.dare_ties(tensors, weights, density, majority_sign_method, key=key, masks=masks)
-            )
         else:
-            merged.append(merge_utils.magnitude_prune(tensors, weights, density))
+            merged.append(
+                _pruned_sum(combination_type, tensors, weights, density, majority_sign_method, key, masks)
+            )
     return merged[0], merged[1]
+
+
+def _pruned_sum(
+    pruning: str,
+    tensors: list[jax.Array],
+    weights: jax.Array,
+    density: float | None,
+    majority_sign_method: Any,
+    key: jax.Array,
+    masks: list[jax.Array] | None,
+) -> jax.Array:
+    """The weighted sum of ``tensors`` after ``ties``, ``dare_linear``, ``dare_ties`` or ``magnitude_prune``."""
+    assert density is not None  # _check requires `density` for every pruning type
+    if pruning == "ties":
+        return merge_utils.ties(tensors, weights, density, majority_sign_method)
+    if pruning == "dare_linear":
+        return merge_utils.dare_linear(tensors, weights, density, key=key, masks=masks)
+    if pruning == "dare_ties":
+        return merge_utils.dare_ties(tensors, weights, density, majority_sign_method, key=key, masks=masks)
+    return merge_utils.magnitude_prune(tensors, weights, density)

@@ -29,7 +29,6 @@ import dataclasses
 import enum
 import math
 import re
-import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -39,10 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.config import PeftType
-from jpeft.core import registry
+from jpeft.core import method, registry
 from jpeft.core.tree import PyTree
 from jpeft.errors import ConfigError
-from jpeft.prompt_learning import PromptLearningPeftModel
 from jpeft.tuners import base, prompt_base
 from jpeft.tuners.prompt_base import (
     PromptLearningConfig,
@@ -156,7 +154,8 @@ def _lstm_cell(key: jax.Array, fan_in: int, hidden: int) -> dict[str, jax.Array]
 
 def init_encoder(config: PromptEncoderConfig, rows: int, key: jax.Array) -> dict[str, Any]:
     """A fresh encoder with torch's default inits (embedding N(0, 1))."""
-    dim, hidden = int(config.token_dim), int(config.encoder_hidden_size or config.token_dim)  # type: ignore[arg-type]
+    assert config.token_dim is not None  # prepare fills it from the model
+    dim, hidden = int(config.token_dim), int(config.encoder_hidden_size or config.token_dim)
     k_embed, k_lstm, k_mlp = jax.random.split(key, 3)
     encoder: dict[str, Any] = {"embedding": jax.random.normal(k_embed, (rows, dim), jnp.float32)}
     mlp_keys = jax.random.split(k_mlp, 3)
@@ -187,10 +186,12 @@ def init_params(plan: VirtualTokenPlan, base_params: PyTree, key: jax.Array) -> 
     A loaded adapter (``inference_mode``) is only the saved encoder output: a zero table of
     ``(nvt * nts, token_dim)`` that the checkpoint's ``prompt_embeddings`` fill (as PEFT).
     """
-    config: PromptEncoderConfig = plan.config  # type: ignore[assignment]
+    config = plan.config
+    assert isinstance(config, PromptEncoderConfig)  # prepare refuses any other config
     rows = plan.total_virtual_tokens
     if config.inference_mode:
-        encoder: dict[str, Any] = {"embedding": jnp.zeros((rows, int(config.token_dim)), jnp.float32)}  # type: ignore[arg-type]
+        assert config.token_dim is not None  # prepare fills it from the model
+        encoder: dict[str, Any] = {"embedding": jnp.zeros((rows, int(config.token_dim)), jnp.float32)}
     else:
         encoder = init_encoder(config, rows, key)
     overrides = base.init_overrides(base_params, plan.modules_to_save, plan.modules, ())
@@ -298,7 +299,8 @@ def prompt_embeddings(
     if "mlp_head" not in encoder:
         return x
     if "lstm_head" in encoder:
-        dropout = float(plan.config.encoder_dropout)  # type: ignore[attr-defined]
+        assert isinstance(plan.config, PromptEncoderConfig)  # prepare refuses any other config
+        dropout = float(plan.config.encoder_dropout)
         x = bidirectional_lstm(encoder["lstm_head"], x, dropout=dropout, train=train, key=key)
     return _mlp(encoder["mlp_head"], x)
 
@@ -306,18 +308,25 @@ def prompt_embeddings(
 # --------------------------------------------------------------------------- checkpoint
 
 
-# Protocol functions shared with the other prompt-learning methods (see prompt_base).
+# Functions shared with the other prompt-learning methods (see prompt_base).
 apply_overrides = prompt_base.apply_overrides
-run = prompt_base.run
-generate = prompt_base.generate
-loss_batch = prompt_base.loss_batch
 key_entries = prompt_base.key_entries
 counted_in_total = prompt_base.counted_in_total
 
 
-registry.register(
-    PeftType.P_TUNING, PromptEncoderConfig, sys.modules[__name__], model_class=PromptLearningPeftModel
+METHOD: method.Method[VirtualTokenPlan] = method.Method(
+    prepare=prepare,
+    init_params=init_params,
+    apply_overrides=apply_overrides,
+    key_entries=key_entries,
+    counted_in_total=counted_in_total,
+    prompt_embeddings=prompt_embeddings,
+    run=prompt_base.run,
+    generate=prompt_base.generate,
+    loss_batch=prompt_base.loss_batch,
 )
+
+registry.register(PeftType.P_TUNING, PromptEncoderConfig, METHOD, kind="prompt")
 
 # PEFT calls the method P-tuning (``peft_type="P_TUNING"``); its config class is PromptEncoderConfig.
 PTuningConfig = PromptEncoderConfig

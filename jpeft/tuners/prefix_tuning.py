@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -35,11 +34,10 @@ import jax.numpy as jnp
 
 from jpeft.bindings import prefix as injection_lib
 from jpeft.config import TASK_HEAD_MODULES, PeftType
-from jpeft.core import registry
+from jpeft.core import method, registry
 from jpeft.core.modules import ModuleInfo
 from jpeft.core.tree import PyTree
 from jpeft.errors import ConfigError
-from jpeft.prompt_learning import PromptLearningPeftModel
 from jpeft.tuners import base, prompt_base
 from jpeft.tuners.prompt_base import (
     PromptLearningConfig,
@@ -73,22 +71,19 @@ class PrefixTuningConfig(PromptLearningConfig):
             raise ConfigError(f"`init_weights` must be None or 'zero', got {self.init_weights!r}.")
 
 
-@dataclasses.dataclass(frozen=True)
-class PrefixPlan:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrefixPlan(method.Plan):
     """One prefix-tuning adapter resolved against one model."""
 
     config: PrefixTuningConfig
-    modules: Mapping[str, ModuleInfo]
-    modules_to_save: tuple[str, ...]
     injection: injection_lib.PrefixInjection
-    layers: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    hooked: frozenset[str] = frozenset()
-    bias_leaves: tuple[tuple[str, ...], ...] = ()
 
     @property
     def prefix_width(self) -> int:
         """Columns of the prefix embedding: ``num_layers * 2 * token_dim``."""
-        return int(self.config.num_layers) * 2 * int(self.config.token_dim)
+        num_layers, token_dim = self.config.num_layers, self.config.token_dim
+        assert num_layers is not None and token_dim is not None  # prepare fills both from the model
+        return int(num_layers) * 2 * int(token_dim)
 
 
 def prepare(config: PrefixTuningConfig, binding: Any) -> PrefixPlan:
@@ -103,7 +98,7 @@ def prepare(config: PrefixTuningConfig, binding: Any) -> PrefixPlan:
     """
     if not isinstance(config, PrefixTuningConfig):
         raise TypeError(f"prefix tuning needs a PrefixTuningConfig, got {type(config).__name__}.")
-    if getattr(binding, "config", None) is None:
+    if binding.config is None:
         raise ConfigError(
             f"prefix tuning cannot inject key/value prefixes into {binding.class_name}: it needs a transformers "
             f"Flax model (supported: {injection_lib.SUPPORTED})."
@@ -137,6 +132,8 @@ def init_params(plan: PrefixPlan, base_params: PyTree, key: jax.Array) -> tuple[
     whose values the checkpoint then fills.
     """
     config = plan.config
+    # PromptLearningConfig requires num_virtual_tokens; prepare fills token_dim from the model
+    assert config.num_virtual_tokens is not None and config.token_dim is not None
     nvt, token_dim, width = int(config.num_virtual_tokens), int(config.token_dim), plan.prefix_width
     zero = config.init_weights == "zero"
     k_embed, k_w0, k_b0, k_w2, k_b2 = jax.random.split(key, 5)
@@ -233,6 +230,16 @@ key_entries = prompt_base.key_entries
 counted_in_total = prompt_base.counted_in_total
 
 
-registry.register(
-    PeftType.PREFIX_TUNING, PrefixTuningConfig, sys.modules[__name__], model_class=PromptLearningPeftModel
+METHOD: method.Method[PrefixPlan] = method.Method(
+    prepare=prepare,
+    init_params=init_params,
+    apply_overrides=apply_overrides,
+    key_entries=key_entries,
+    counted_in_total=counted_in_total,
+    prompt_embeddings=prompt_embeddings,
+    run=run,
+    generate=generate,
+    loss_batch=loss_batch,
 )
+
+registry.register(PeftType.PREFIX_TUNING, PrefixTuningConfig, METHOD, kind="prompt")

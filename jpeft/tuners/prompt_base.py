@@ -6,26 +6,24 @@ per-layer key/value prefixes), not its layers. Their config fields describing th
 are filled from the model config exactly as PEFT's ``_prepare_prompt_learning_config``
 does, so that the saved ``adapter_config.json`` equals PEFT's.
 
-The second half is the virtual-token machinery that prompt tuning and P-tuning share:
-resolving the word embedding, extending the inputs, placing the prompts while the Flax
-model runs, ``generate`` and the loss batch.
+The second half is what prompt tuning and P-tuning share: resolving the word embedding,
+the plan, the loss batch and the checkpoint entries. Placing the prompts while the model
+runs is the binding's side (:mod:`jpeft.bindings.virtual_tokens`, beside prefix injection).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import inspect
 import math
-import warnings
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
-import flax.linen as nn
 import jax.numpy as jnp
 
+from jpeft.bindings import virtual_tokens
 from jpeft.config import TASK_HEAD_MODULES, PeftConfig, PeftType, TaskType
-from jpeft.core.modules import ModuleInfo
+from jpeft.core import method
+from jpeft.core.architectures import ARCHITECTURES, architecture
 from jpeft.core.tree import count_params, get_path
 from jpeft.errors import ConfigError
 from jpeft.tuners import base
@@ -78,7 +76,10 @@ def _first(model_config: Mapping[str, Any], names: tuple[str, ...], field: str) 
     )
 
 
-def fill_from_model_config(config: PromptLearningConfig, model_config: Any) -> PromptLearningConfig:
+ConfigT = TypeVar("ConfigT", bound=PromptLearningConfig)
+
+
+def fill_from_model_config(config: ConfigT, model_config: Any) -> ConfigT:
     """``config`` with the model-describing fields filled as PEFT fills them.
 
     Args:
@@ -131,13 +132,13 @@ def fill_from_model_config(config: PromptLearningConfig, model_config: Any) -> P
 VIRTUAL_TOKEN_TASKS = (TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.SEQ_2_SEQ_LM)
 # Model types whose torch word embedding scales its own output (``BartScaledWordEmbedding``),
 # so PEFT's prompts are not scaled while Flax scales every looked-up row after the lookup.
-SCALED_EMBEDDING_MODEL_TYPES = frozenset({"bart", "mbart"})
 PROMPT_PREFIX = "base_model."  # prompt methods save module copies as ``base_model.<path>``
 IGNORE_INDEX = -100
+PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"  # the encoder output, as PEFT saves it
 
 
-@dataclasses.dataclass(frozen=True)
-class VirtualTokenPlan:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VirtualTokenPlan(method.Plan):
     """A prompt-tuning or P-tuning adapter resolved against one model.
 
     Attributes:
@@ -154,19 +155,15 @@ class VirtualTokenPlan:
     """
 
     config: PromptLearningConfig
-    modules: Mapping[str, ModuleInfo]
-    modules_to_save: tuple[str, ...]
     word_embeddings: str
     encoder: str | None
     embed_scale: float = 1.0
     placeholder_id: int = 0
-    layers: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    hooked: frozenset[str] = frozenset()
-    bias_leaves: tuple[tuple[str, ...], ...] = ()
 
     @property
     def num_virtual_tokens(self) -> int:
-        return int(self.config.num_virtual_tokens)  # type: ignore[arg-type]
+        assert self.config.num_virtual_tokens is not None  # PromptLearningConfig requires it
+        return int(self.config.num_virtual_tokens)
 
     @property
     def total_virtual_tokens(self) -> int:
@@ -219,11 +216,12 @@ def _embed_scale(binding: Any) -> float:
     model_config = binding.config
     if not getattr(model_config, "scale_embedding", False):
         return 1.0
-    if binding.model_type not in SCALED_EMBEDDING_MODEL_TYPES:
+    row = architecture(binding.model_type)
+    if row is None or not row.scaled_embedding:
         raise ConfigError(
             f"prompt learning on {binding.class_name} with `scale_embedding=True` is not supported: jpeft does not "
             "know whether its torch embedding scales the prompts (supported: "
-            f"{', '.join(sorted(SCALED_EMBEDDING_MODEL_TYPES))}). Use a config with scale_embedding=False."
+            f"{', '.join(sorted(n for n, a in ARCHITECTURES.items() if a.scaled_embedding))}). Use a config with scale_embedding=False."
         )
     return math.sqrt(float(model_config.d_model))
 
@@ -240,7 +238,7 @@ def prepare_virtual_tokens(config: PromptLearningConfig, binding: Any) -> Virtua
         supported, or the task does not fit the model (naming the model class).
     """
     method = config.peft_type.value
-    model_config = getattr(binding, "config", None)
+    model_config = binding.config
     if model_config is None:
         raise ConfigError(
             f"{method} cannot adapt {binding.class_name}: prompt learning needs a transformers Flax model (its "
@@ -290,141 +288,6 @@ def word_embedding_rows(plan: VirtualTokenPlan, base_params: Any, ids: Any) -> A
     table = get_path(base_params, plan.modules[plan.word_embeddings].weight_path)
     rows = jnp.take(table, jnp.asarray(ids), axis=0).astype(jnp.float32)
     return rows * plan.embed_scale if plan.embed_scale != 1.0 else rows
-
-
-def _bound_inputs(fn: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """``fn``'s arguments by name (positional ones named from its signature, ``**kwargs`` flattened)."""
-    signature = inspect.signature(fn)
-    arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
-    for name, parameter in signature.parameters.items():
-        if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
-            arguments.update(arguments.pop(name))
-    return arguments
-
-
-def _extend_inputs(plan: VirtualTokenPlan, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Input ids, attention mask and token types with the virtual-token columns in front (as PEFT)."""
-    if inputs.get("input_ids") is None:
-        raise ValueError(
-            f"{plan.config.peft_type.value} needs `input_ids`: transformers' Flax models take no `inputs_embeds`, "
-            "so jpeft places the virtual tokens through the input ids."
-        )
-    nvt = plan.num_virtual_tokens
-    ids = jnp.asarray(inputs["input_ids"])
-    batch = ids.shape[0]
-    inputs["input_ids"] = jnp.concatenate(
-        [jnp.full((batch, nvt), plan.placeholder_id, ids.dtype), ids], axis=1
-    )
-    if inputs.get("attention_mask") is not None:
-        mask = jnp.asarray(inputs["attention_mask"])
-        inputs["attention_mask"] = jnp.concatenate([jnp.ones((batch, nvt), mask.dtype), mask], axis=1)
-    if inputs.get("position_ids") is not None:
-        warnings.warn(
-            "Position ids are not supported for parameter efficient tuning. Ignoring position ids.",
-            stacklevel=5,
-        )
-        inputs.pop("position_ids")
-    if inputs.get("token_type_ids") is not None:
-        if plan.config.task_type == TaskType.SEQ_CLS:
-            types = jnp.asarray(inputs["token_type_ids"])
-            inputs["token_type_ids"] = jnp.concatenate([jnp.zeros((batch, nvt), types.dtype), types], axis=1)
-        else:
-            warnings.warn(
-                "Token type ids are not supported for parameter efficient tuning. Ignoring token type ids",
-                stacklevel=5,
-            )
-            inputs.pop("token_type_ids")
-    return inputs
-
-
-@contextlib.contextmanager
-def virtual_tokens_in_place(plan: VirtualTokenPlan, prompts: Any, length: int) -> Iterator[None]:
-    """Within the block, the word embedding's output for a ``length``-token input starts with the prompts.
-
-    For encoder-decoder models only the encoder's call of the (shared) embedding is changed.
-    Calls of another length (cached decoding steps) are left alone.
-    """
-    nvt = plan.num_virtual_tokens
-    rows = prompts[:nvt]  # seq2seq: the second half of the (2 nvt, d) prompts is unused, as in PEFT
-    if plan.embed_scale != 1.0:
-        rows = rows / plan.embed_scale  # Flax multiplies the looked-up rows by the scale afterwards
-    inside_encoder = [plan.encoder is None]
-
-    def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        name = ".".join(context.module.path)
-        if name == plan.encoder:
-            outer, inside_encoder[0] = inside_encoder[0], True
-            try:
-                return next_fun(*args, **kwargs)
-            finally:
-                inside_encoder[0] = outer
-        out = next_fun(*args, **kwargs)
-        if name == plan.word_embeddings and inside_encoder[0] and out.ndim == 3 and out.shape[1] == length:
-            virtual = jnp.broadcast_to(rows.astype(out.dtype), (out.shape[0], *rows.shape))
-            out = jnp.concatenate([virtual, out[:, nvt:]], axis=1)
-        return out
-
-    with nn.intercept_methods(interceptor):
-        yield
-
-
-def run_virtual_tokens(
-    plan: VirtualTokenPlan,
-    binding: Any,
-    base_params: Any,
-    prompts: Any,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    *,
-    train: bool,
-    dropout_rng: Any,
-) -> Any:
-    """The model's forward with the virtual tokens in front of the input (PEFT's prompt forward).
-
-    Causal LM logits cover ``num_virtual_tokens + seq`` positions, as PEFT's.
-    """
-    inputs = _extend_inputs(plan, _bound_inputs(binding.model.__call__, args, kwargs))
-    if plan.config.task_type == TaskType.SEQ_2_SEQ_LM and inputs.get("decoder_input_ids") is None:
-        raise ValueError(
-            "seq2seq prompt tuning needs `decoder_input_ids` (or `labels` in a training batch, from which "
-            "jpeft.train derives them); the encoder input holds the virtual tokens."
-        )
-    length = inputs["input_ids"].shape[1]
-    with virtual_tokens_in_place(plan, prompts, length):
-        return binding.run(base_params, None, frozenset(), (), inputs, train=train, dropout_rng=dropout_rng)
-
-
-def generate_virtual_tokens(
-    plan: VirtualTokenPlan,
-    binding: Any,
-    base_params: Any,
-    prompts: Any,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-) -> Any:
-    """transformers' Flax ``generate`` with the virtual tokens in front of the prompt.
-
-    Causal LMs: ``max_length`` counts the caller's ids (as in torch PEFT), and ``.sequences``
-    are the caller's ids followed by the new tokens. Seq2seq: the decoder's sequences.
-    """
-    model = binding.model
-    if not hasattr(model, "generate") or not model.can_generate():
-        raise TypeError(f"{binding.class_name} cannot generate (it has no language-modelling head).")
-    inputs = _extend_inputs(plan, _bound_inputs(model.generate, args, kwargs))
-    nvt = plan.num_virtual_tokens
-    causal = plan.config.task_type == TaskType.CAUSAL_LM
-    if causal:
-        generation_config = inputs.get("generation_config") or model.generation_config
-        if inputs.get("max_new_tokens") is None and generation_config.max_new_tokens is None:
-            inputs["max_length"] = (inputs.get("max_length") or generation_config.max_length) + nvt
-    input_ids = inputs.pop("input_ids")
-    with virtual_tokens_in_place(plan, prompts, input_ids.shape[1]):
-        outputs = binding.generate(base_params, None, frozenset(), (input_ids,), inputs)
-    if causal:
-        outputs = dataclasses.replace(outputs, sequences=outputs.sequences[:, nvt:])
-    return outputs
 
 
 def virtual_token_loss_batch(plan: VirtualTokenPlan, batch: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -488,7 +351,7 @@ def run(
       train: training mode; dropout_rng: key for the model's dropout.
     """
     del adapter
-    return run_virtual_tokens(
+    return virtual_tokens.run(
         plan, binding, base_params, prompts, args, kwargs, train=train, dropout_rng=dropout_rng
     )
 
@@ -504,7 +367,7 @@ def generate(
 ) -> Any:
     """transformers' Flax ``generate`` with the prompt rows in front; ``.sequences`` as torch PEFT's."""
     del adapter
-    return generate_virtual_tokens(plan, binding, base_params, prompts, args, kwargs)
+    return virtual_tokens.generate(plan, binding, base_params, prompts, args, kwargs)
 
 
 def loss_batch(plan: VirtualTokenPlan, batch: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -515,9 +378,12 @@ def loss_batch(plan: VirtualTokenPlan, batch: Mapping[str, Any]) -> Mapping[str,
 def key_entries(
     plan: Any, adapter: Mapping[str, Any], save_embedding_layers: bool | str = "auto"
 ) -> list[Any]:
-    """The ``modules_to_save`` copies as ``base_model.<path>`` (the model class adds ``prompt_embeddings``)."""
+    """``prompt_embeddings`` and the ``modules_to_save`` copies as ``base_model.<path>``."""
     del save_embedding_layers
-    return override_key_entries(plan, adapter)
+    # written from the method's `prompt_embeddings` (the encoder output); read into the table a
+    # loaded (inference) adapter holds
+    rows = base.KeyEntry(PROMPT_EMBEDDINGS_KEY, "adapter", ("prompt", "embedding"), prefix="", save=False)
+    return [rows, *override_key_entries(plan, adapter)]
 
 
 def counted_in_total(plan: Any, adapter: Mapping[str, Any]) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -31,10 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.config import PeftType
-from jpeft.core import registry
+from jpeft.core import method, registry
 from jpeft.core.tree import PyTree
 from jpeft.errors import ConfigError
-from jpeft.prompt_learning import PromptLearningPeftModel
 from jpeft.tuners import base, prompt_base
 from jpeft.tuners.prompt_base import (
     PromptLearningConfig,
@@ -138,12 +136,14 @@ def init_params(plan: VirtualTokenPlan, base_params: PyTree, key: jax.Array) -> 
     A loaded adapter (``inference_mode``) gets zeros that the checkpoint's
     ``prompt_embeddings`` then replace; no tokenizer is read.
     """
-    config: PromptTuningConfig = plan.config  # type: ignore[assignment]
-    shape = (plan.total_virtual_tokens, int(config.token_dim))  # type: ignore[arg-type]
+    config = plan.config
+    assert isinstance(config, PromptTuningConfig)  # prepare refuses any other config
+    assert config.token_dim is not None  # prepare fills it from the model
+    shape = (plan.total_virtual_tokens, int(config.token_dim))
     if config.inference_mode:
         table = jnp.zeros(shape, jnp.float32)
     elif config.prompt_tuning_init == PromptTuningInit.SAMPLE_VOCAB:
-        vocab = plan.modules[plan.word_embeddings].in_features
+        vocab, _ = plan.modules[plan.word_embeddings].features
         ids = jax.random.randint(key, (shape[0],), 0, vocab)
         table = prompt_base.word_embedding_rows(plan, base_params, ids)
     elif config.prompt_tuning_init == PromptTuningInit.TEXT:
@@ -168,15 +168,22 @@ def prompt_embeddings(
 # --------------------------------------------------------------------------- checkpoint
 
 
-# Protocol functions shared with the other prompt-learning methods (see prompt_base).
+# Functions shared with the other prompt-learning methods (see prompt_base).
 apply_overrides = prompt_base.apply_overrides
-run = prompt_base.run
-generate = prompt_base.generate
-loss_batch = prompt_base.loss_batch
 key_entries = prompt_base.key_entries
 counted_in_total = prompt_base.counted_in_total
 
 
-registry.register(
-    PeftType.PROMPT_TUNING, PromptTuningConfig, sys.modules[__name__], model_class=PromptLearningPeftModel
+METHOD: method.Method[VirtualTokenPlan] = method.Method(
+    prepare=prepare,
+    init_params=init_params,
+    apply_overrides=apply_overrides,
+    key_entries=key_entries,
+    counted_in_total=counted_in_total,
+    prompt_embeddings=prompt_embeddings,
+    run=prompt_base.run,
+    generate=prompt_base.generate,
+    loss_batch=prompt_base.loss_batch,
 )
+
+registry.register(PeftType.PROMPT_TUNING, PromptTuningConfig, METHOD, kind="prompt")

@@ -25,7 +25,6 @@ Reference:
 from __future__ import annotations
 
 import dataclasses
-import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -34,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.config import PeftConfig, PeftType
-from jpeft.core import registry
+from jpeft.core import method, registry
 from jpeft.core.modules import ModuleInfo
 from jpeft.core.tree import PyTree, count_params, get_path, set_path
 from jpeft.errors import ConfigError
@@ -126,30 +125,21 @@ class VeraConfig(PeftConfig):
             )
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerPlan:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerPlan(method.LayerPlan):
     """Static facts about one adapted layer (never traced)."""
 
-    info: ModuleInfo
-    index: int
     r: int
 
 
-@dataclasses.dataclass(frozen=True)
-class VeraPlan:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VeraPlan(method.Plan):
     """One VeRA adapter resolved against one model."""
 
     config: VeraConfig
-    layers: dict[str, LayerPlan]
-    modules: Mapping[str, ModuleInfo]
-    modules_to_save: tuple[str, ...]
-    bias_leaves: tuple[tuple[str, ...], ...]
+    layers: Mapping[str, LayerPlan]
     max_in: int
     max_out: int
-
-    @property
-    def hooked(self) -> frozenset[str]:
-        return frozenset(self.layers)
 
 
 # --------------------------------------------------------------------------- resolve
@@ -185,8 +175,8 @@ def prepare(config: VeraConfig, binding: Any) -> VeraPlan:
     layers = {
         name: LayerPlan(info=modules[name], index=index, r=config.r) for index, name in enumerate(targeted)
     }
-    max_in = max(int(layer.info.in_features) for layer in layers.values())
-    max_out = max(int(layer.info.out_features) for layer in layers.values())
+    max_in = max(layer.info.features[0] for layer in layers.values())
+    max_out = max(layer.info.features[1] for layer in layers.values())
 
     modules_to_save = base.resolve_modules_to_save(config.modules_to_save, modules)
     bias_leaves = base.bias_leaves_for(
@@ -195,7 +185,7 @@ def prepare(config: VeraConfig, binding: Any) -> VeraPlan:
         targeted,
         modules,
         modules_to_save=modules_to_save,
-        buffers=getattr(binding, "buffer_paths", frozenset()),
+        buffers=binding.buffer_paths,
     )
     return VeraPlan(
         config=config,
@@ -382,4 +372,18 @@ def adapter_specs(plan: VeraPlan, adapter: Mapping[str, Any], base_specs: PyTree
     }
 
 
-registry.register(PeftType.VERA, VeraConfig, sys.modules[__name__])
+METHOD: method.Method[VeraPlan] = method.Method(
+    prepare=prepare,
+    init_params=init_params,
+    apply_overrides=apply_overrides,
+    key_entries=key_entries,
+    counted_in_total=counted_in_total,
+    layer_forward=layer_forward,
+    merge=merge,
+    merge_record=merge_record,
+    unmerge=unmerge,
+    trainable_mask=trainable_mask,
+    adapter_specs=adapter_specs,
+)
+
+registry.register(PeftType.VERA, VeraConfig, METHOD, kind="layer", mixable=True)

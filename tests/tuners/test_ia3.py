@@ -187,7 +187,7 @@ def test_torch_to_jpeft(arch, kwargs, tiny, tmp_path, request):
         for name, module in torch_model.named_modules()
         if hasattr(module, "is_feedforward") and hasattr(module, "ia3_l")
     }
-    mine = {name: layer.is_feedforward for name, layer in loaded._plans["default"].layers.items()}
+    mine = {name: layer.is_feedforward for name, layer in loaded.plan("default").layers.items()}
     assert mine == theirs
 
 
@@ -217,7 +217,7 @@ def test_checkpoint_format_and_counts(arch, kwargs, tiny, tmp_path, request):
     jax_cfg = json.loads((jax_dir / "adapter_config.json").read_text())
     torch_cfg = json.loads((torch_dir / "adapter_config.json").read_text())
     if _case_id(request) in PEFT_UNLOADABLE:
-        ff = [n for n, layer in mine._plans["default"].layers.items() if layer.is_feedforward]
+        ff = [n for n, layer in mine.plan("default").layers.items() if layer.is_feedforward]
         assert ff and set(jax_cfg["feedforward_modules"]) == set(ff) <= set(jax_cfg["target_modules"])
         jax_cfg["feedforward_modules"] = torch_cfg["feedforward_modules"]
     _assert_same_config(jax_cfg, torch_cfg)
@@ -309,7 +309,7 @@ def test_default_feedforward_outside_targets_saved_loadable(tiny, tmp_path):
     with pytest.warns(UserWarning, match="not a subset of the resolved target_modules"):
         mine = jpeft.get_peft_model(pair.flax_model, IA3Config(target_modules=["q_proj", "v_proj"]))
     assert mine.peft_config["default"].feedforward_modules == []
-    assert not any(layer.is_feedforward for layer in mine._plans["default"].layers.values())
+    assert not any(layer.is_feedforward for layer in mine.plan("default").layers.values())
     parity.perturb_jpeft_adapter(mine)
     _save(mine, tmp_path)
     theirs = parity.torch_peft_load(pair, tmp_path)

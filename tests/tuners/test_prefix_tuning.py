@@ -289,7 +289,7 @@ def test_zero_init_zeros_what_peft_zeros(tiny, projection):
     assert {k: tuple(v.shape) for k, v in jpeft_leaves.items()} == torch_shapes
     assert {k: bool((v == 0).all()) for k, v in jpeft_leaves.items()} == torch_zero
     assert sum(torch_zero.values()) == (2 if projection else 1)
-    rows = prefix_tuning.prompt_embeddings(model._plans["default"], model.adapters["default"])
+    rows = prefix_tuning.prompt_embeddings(model.plan("default"), model.adapters["default"])
     assert float(jnp.abs(rows).max()) == 0.0
 
 

@@ -387,7 +387,7 @@ def test_module_functions_follow_the_protocol(tiny):
     peft_model = jpeft.get_peft_model(
         pair.flax_model, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2)
     )
-    plan, adapter = peft_model._plans["default"], peft_model.adapters["default"]
+    plan, adapter = peft_model.plan("default"), peft_model.adapters["default"]
     assert plan.layers == {} and plan.hooked == frozenset() and plan.bias_leaves == ()
     assert plan.modules_to_save == ("classifier",)
     assert plan.config.modules_to_save == ["classifier", "score", "classifier", "score"]  # PEFT's quirk

@@ -144,7 +144,7 @@ def _perturb_jpeft(model, seed: int = 1, scale: float = 0.1) -> None:
     """Noise on the trainable leaves only: the projections stay the seed's (they are buffers)."""
     params = model.params
     adapter = params["adapters"]["default"]
-    mask = vera.trainable_mask(model._plans["default"], adapter)
+    mask = vera.trainable_mask(model.plan("default"), adapter)
     leaves, treedef = jax.tree.flatten(adapter)
     flags = jax.tree.leaves(mask)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
@@ -285,7 +285,7 @@ def test_delta_weight_matches_torch(tiny):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mine = jpeft.PeftModel.from_pretrained(pair.flax_model, folder)
-    plan, adapter = mine._plans["default"], mine.params["adapters"]["default"]
+    plan, adapter = mine.plan("default"), mine.params["adapters"]["default"]
     for name, layer in plan.layers.items():
         want = theirs.base_model.model.get_submodule(name).get_delta_weight("default").detach().numpy()
         # GPT-2 Conv1D: torch's delta is (in, out) (fan_in_fan_out); Flax's FlaxConv1D kernel is (out, in)
@@ -316,7 +316,7 @@ def test_counted_in_total_excludes_projections(tiny):
     _, total = mine.get_nb_trainable_parameters()
     assert total == want_total
     adapter = mine.params["adapters"]["default"]
-    mask = vera.trainable_mask(mine._plans["default"], adapter)
+    mask = vera.trainable_mask(mine.plan("default"), adapter)
     assert mask["vera_A"] is False and mask["vera_B"] is False
     trainable = sum(
         int(x.size) for x, on in zip(jax.tree.leaves(adapter), jax.tree.leaves(mask), strict=True) if on
@@ -363,7 +363,7 @@ def test_trainable_mask_and_grads_are_zero_on_projections(tiny):
     grads = jax.grad(loss)(adapter)
     for leaves in grads["vera"].values():
         assert all(float(jnp.abs(g).max()) > 0 for g in leaves.values())
-    mask = vera.trainable_mask(mine._plans["default"], adapter)
+    mask = vera.trainable_mask(mine.plan("default"), adapter)
     assert jax.tree.structure(mask) == jax.tree.structure(adapter)
     assert [k for k, v in mask.items() if v is False] == ["vera_A", "vera_B"]
 
