@@ -58,12 +58,10 @@ def match_module(config: Any, key: str) -> bool | _Excluded:
         return True
     found = any(key.endswith(f".{target}") for target in targets)
 
-    layer_indexes = getattr(config, "layers_to_transform", None)
+    layer_indexes: int | Sequence[int] | None = getattr(config, "layers_to_transform", None)
     layers_pattern = getattr(config, "layers_pattern", None)
-    using_indexes = layer_indexes is not None and (
-        len(layer_indexes) != 0 if isinstance(layer_indexes, list) else True
-    )
-    if using_indexes and found:
+    using_indexes = len(layer_indexes) != 0 if isinstance(layer_indexes, list) else True
+    if layer_indexes is not None and using_indexes and found:
         match = None
         if not layers_pattern:
             match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)

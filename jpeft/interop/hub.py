@@ -88,7 +88,7 @@ def resolve_adapter_folder(
             + (f" (subfolder {subfolder!r})" if subfolder else "")
             + (f" at revision {revision!r}" if revision else "")
         )
-        raise CheckpointError(_missing_weights_message(where, model_id, prefix, revision, token))
+        raise CheckpointError(_missing_weights_message(where, os.fspath(model_id), prefix, revision, token))
     return folder
 
 

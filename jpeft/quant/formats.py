@@ -61,321 +61,14 @@ import numpy as np
 from flax.core import meta as flax_meta
 
 from jpeft.errors import ConfigError
+from jpeft.quant.codebooks import CODE_BOUNDS, CODES, DYNAMIC_BOUNDS, INV_127
+from jpeft.quant.codebooks import DYNAMIC_CODE as DYNAMIC_CODE  # re-exported: formats' public names
+from jpeft.quant.codebooks import FP4_CODE as FP4_CODE
+from jpeft.quant.codebooks import NESTED_BLOCKSIZE as NESTED_BLOCKSIZE
+from jpeft.quant.codebooks import NF4_CODE as NF4_CODE
 
 QuantType = Literal["nf4", "fp4", "int8"]
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4", "int8")
-# bitsandbytes quantizes the absmax of double quantization in blocks of 256.
-NESTED_BLOCKSIZE = 256
-
-# bitsandbytes' NF4 code book (``get_4bit_type("nf4")``): quantiles of N(0, 1), scaled to [-1, 1].
-NF4_CODE = np.array(
-    [
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ],
-    dtype=np.float32,
-)
-# bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit) in bit-pattern order, divided by its
-# largest magnitude (12) in float32. Index 0 is -0.0 here (see the module docstring).
-FP4_CODE = np.array(
-    [-0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
-    dtype=np.float32,
-) / np.float32(12.0)
-
-
-def _sorted_code(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The half-way points between neighbouring sorted code values, and sorted position -> index."""
-    # FP4's two zeros tie; bitsandbytes' order puts code 0 before code 8, and so does this one.
-    order = np.array(sorted(range(len(code)), key=lambda i: (float(code[i]), i in (8,))), np.int32)
-    values = code[order]
-    return ((values[:-1] + values[1:]) / np.float32(2)).astype(np.float32), order
-
-
-# bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map()``), which quantizes the absmax
-# values under double quantization: 0, 1, and in each decade 10^-6 ... 10^0 the midpoints of
-# 2^i + 1 evenly spaced points of [0.1, 1] (i = 0 ... 6), with their negatives; 256 sorted values.
-# Stored as float32 bit patterns because bitsandbytes builds it with ``torch.linspace``, whose
-# last-bit rounding is not the textbook one (read from bitsandbytes 0.50.2 with torch 2.13 on CPU).
-DYNAMIC_CODE = np.array(
-    [
-        0xBF7E3333,
-        0xBF7A999A,
-        0xBF770000,
-        0xBF736666,
-        0xBF6FCCCD,
-        0xBF6C3333,
-        0xBF68999A,
-        0xBF650000,
-        0xBF616666,
-        0xBF5DCCCD,
-        0xBF5A3333,
-        0xBF56999A,
-        0xBF530000,
-        0xBF4F6666,
-        0xBF4BCCCD,
-        0xBF483333,
-        0xBF44999A,
-        0xBF410000,
-        0xBF3D6666,
-        0xBF39CCCD,
-        0xBF363334,
-        0xBF32999A,
-        0xBF2F0000,
-        0xBF2B6666,
-        0xBF27CCCD,
-        0xBF243334,
-        0xBF20999A,
-        0xBF1D0000,
-        0xBF196666,
-        0xBF15CCCD,
-        0xBF123334,
-        0xBF0E999A,
-        0xBF0B0000,
-        0xBF076666,
-        0xBF03CCCC,
-        0xBF003333,
-        0xBEF93332,
-        0xBEF20000,
-        0xBEEACCCC,
-        0xBEE3999A,
-        0xBEDC6666,
-        0xBED53333,
-        0xBECE0000,
-        0xBEC6CCCC,
-        0xBEBF999A,
-        0xBEB86666,
-        0xBEB13333,
-        0xBEAA0000,
-        0xBEA2CCCC,
-        0xBE9B999A,
-        0xBE946666,
-        0xBE8D3334,
-        0xBE860000,
-        0xBE7D9999,
-        0xBE6F3333,
-        0xBE60CCCD,
-        0xBE526666,
-        0xBE440000,
-        0xBE35999A,
-        0xBE273333,
-        0xBE18CCCD,
-        0xBE0A6666,
-        0xBDF80000,
-        0xBDDB3334,
-        0xBDC9EB85,
-        0xBDC428F7,
-        0xBDBE6667,
-        0xBDB8A3D7,
-        0xBDB2E148,
-        0xBDAD1EB8,
-        0xBDA75C2A,
-        0xBDA1999A,
-        0xBD9BD70A,
-        0xBD96147B,
-        0xBD9051EB,
-        0xBD8A8F5D,
-        0xBD84CCCD,
-        0xBD7E147B,
-        0xBD728F5D,
-        0xBD670A3D,
-        0xBD5B851F,
-        0xBD500000,
-        0xBD447AE1,
-        0xBD38F5C3,
-        0xBD2D70A3,
-        0xBD21EB85,
-        0xBD166667,
-        0xBD0AE148,
-        0xBCFEB852,
-        0xBCE7AE15,
-        0xBCD0A3D7,
-        0xBCB9999A,
-        0xBCA28F5D,
-        0xBC8B851F,
-        0xBC68F5C3,
-        0xBC3AE148,
-        0xBC1F3B64,
-        0xBC160418,
-        0xBC0CCCCD,
-        0xBC039581,
-        0xBBF4BC6A,
-        0xBBE24DD3,
-        0xBBCFDF3B,
-        0xBBBD70A4,
-        0xBBAB020D,
-        0xBB989374,
-        0xBB8624DD,
-        0xBB676C8A,
-        0xBB428F5C,
-        0xBB1DB22D,
-        0xBAF1A9FC,
-        0xBAA7EF9D,
-        0xBA7765FF,
-        0xBA59E83E,
-        0xBA3C6A80,
-        0xBA1EECC1,
-        0xBA016F01,
-        0xB9C7E283,
-        0xB98CE705,
-        0xB923D70B,
-        0xB8BA1F4B,
-        0xB88AEFB3,
-        0xB8378034,
-        0xB7B24206,
-        0xB70205FF,
-        0xB65A1A94,
-        0xB513A3B7,
-        0x00000000,
-        0x3513A3B7,
-        0x365A1A94,
-        0x370205FF,
-        0x37B24206,
-        0x38378034,
-        0x388AEFB3,
-        0x38BA1F4B,
-        0x3923D70B,
-        0x398CE705,
-        0x39C7E283,
-        0x3A016F01,
-        0x3A1EECC1,
-        0x3A3C6A80,
-        0x3A59E83E,
-        0x3A7765FF,
-        0x3AA7EF9D,
-        0x3AF1A9FC,
-        0x3B1DB22D,
-        0x3B428F5C,
-        0x3B676C8A,
-        0x3B8624DD,
-        0x3B989374,
-        0x3BAB020D,
-        0x3BBD70A4,
-        0x3BCFDF3B,
-        0x3BE24DD3,
-        0x3BF4BC6A,
-        0x3C039581,
-        0x3C0CCCCD,
-        0x3C160418,
-        0x3C1F3B64,
-        0x3C3AE148,
-        0x3C68F5C3,
-        0x3C8B851F,
-        0x3CA28F5D,
-        0x3CB9999A,
-        0x3CD0A3D7,
-        0x3CE7AE15,
-        0x3CFEB852,
-        0x3D0AE148,
-        0x3D166667,
-        0x3D21EB85,
-        0x3D2D70A3,
-        0x3D38F5C3,
-        0x3D447AE1,
-        0x3D500000,
-        0x3D5B851F,
-        0x3D670A3D,
-        0x3D728F5D,
-        0x3D7E147B,
-        0x3D84CCCD,
-        0x3D8A8F5D,
-        0x3D9051EB,
-        0x3D96147B,
-        0x3D9BD70A,
-        0x3DA1999A,
-        0x3DA75C2A,
-        0x3DAD1EB8,
-        0x3DB2E148,
-        0x3DB8A3D7,
-        0x3DBE6667,
-        0x3DC428F7,
-        0x3DC9EB85,
-        0x3DDB3334,
-        0x3DF80000,
-        0x3E0A6666,
-        0x3E18CCCD,
-        0x3E273333,
-        0x3E35999A,
-        0x3E440000,
-        0x3E526666,
-        0x3E60CCCD,
-        0x3E6F3333,
-        0x3E7D9999,
-        0x3E860000,
-        0x3E8D3334,
-        0x3E946666,
-        0x3E9B999A,
-        0x3EA2CCCC,
-        0x3EAA0000,
-        0x3EB13333,
-        0x3EB86666,
-        0x3EBF999A,
-        0x3EC6CCCC,
-        0x3ECE0000,
-        0x3ED53333,
-        0x3EDC6666,
-        0x3EE3999A,
-        0x3EEACCCC,
-        0x3EF20000,
-        0x3EF93332,
-        0x3F003333,
-        0x3F03CCCC,
-        0x3F076666,
-        0x3F0B0000,
-        0x3F0E999A,
-        0x3F123334,
-        0x3F15CCCD,
-        0x3F196666,
-        0x3F1D0000,
-        0x3F20999A,
-        0x3F243334,
-        0x3F27CCCD,
-        0x3F2B6666,
-        0x3F2F0000,
-        0x3F32999A,
-        0x3F363334,
-        0x3F39CCCD,
-        0x3F3D6666,
-        0x3F410000,
-        0x3F44999A,
-        0x3F483333,
-        0x3F4BCCCD,
-        0x3F4F6666,
-        0x3F530000,
-        0x3F56999A,
-        0x3F5A3333,
-        0x3F5DCCCD,
-        0x3F616666,
-        0x3F650000,
-        0x3F68999A,
-        0x3F6C3333,
-        0x3F6FCCCD,
-        0x3F736666,
-        0x3F770000,
-        0x3F7A999A,
-        0x3F7E3333,
-        0x3F800000,
-    ],
-    dtype=np.uint32,
-).view(np.float32)
-_BOUNDS = {"nf4": _sorted_code(NF4_CODE), "fp4": _sorted_code(FP4_CODE)}
-_CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
-_DYNAMIC_BOUNDS = ((DYNAMIC_CODE[:-1] + DYNAMIC_CODE[1:]) / np.float32(2)).astype(np.float32)
-# bitsandbytes' int8 dequantization multiplies by this float32 rounding of 1/127.
-_INV_127 = np.float32(7.874015718698502e-3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -480,12 +173,12 @@ def _dequantize(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
     matrix_shape = _matrix_shape(q.shape, q.transposed)
     if q.quant_type == "int8":
         rows = _rows(q.packed).astype(jnp.float32)
-        values = (rows * q.absmax[:, None]) * _INV_127
+        values = (rows * q.absmax[:, None]) * INV_127
     else:
         n = q.size
         high, low = q.packed >> 4, q.packed & 0xF
         codes = jnp.stack([high, low], axis=-1).reshape(-1)[:n]
-        values = jnp.asarray(_CODES[q.quant_type])[codes.astype(jnp.int32)]
+        values = jnp.asarray(CODES[q.quant_type])[codes.astype(jnp.int32)]
         absmax = q.block_absmax()
         n_blocks = absmax.shape[0]
         values = jnp.pad(values, (0, n_blocks * q.blocksize - n))
@@ -498,6 +191,7 @@ def _dequantize(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
 
 @jax.jit
 def _decode_absmax(q: QuantizedArray) -> jax.Array:
+    assert q.nested_absmax is not None and q.nested_offset is not None  # only called under double_quant
     codes = jnp.asarray(DYNAMIC_CODE)[q.absmax.astype(jnp.int32)]
     n = codes.shape[0]
     n_nested = q.nested_absmax.shape[0]
@@ -600,7 +294,8 @@ def _quantize(
 ) -> QuantizedArray:
     shape, dtype = tuple(x.shape), np.dtype(x.dtype)
     matrix = x.T if transpose else x
-    meta = dict(
+    make = functools.partial(
+        QuantizedArray,
         shape=shape,
         dtype=dtype,
         quant_type=quant_type,
@@ -611,11 +306,11 @@ def _quantize(
     )
     if quant_type == "int8":
         codes, row_absmax = _quantize_int8(matrix)
-        return QuantizedArray(packed=codes, absmax=row_absmax, nested_absmax=None, nested_offset=None, **meta)
+        return make(packed=codes, absmax=row_absmax, nested_absmax=None, nested_offset=None)
 
     flat = matrix.reshape(-1).astype(jnp.float32)
     absmax, scaled = _blockwise(flat, blocksize)
-    bounds, order = _BOUNDS[quant_type]
+    bounds, order = CODE_BOUNDS[quant_type]
     codes = jnp.asarray(order)[
         jnp.searchsorted(jnp.asarray(bounds), scaled, side="left", method="compare_all")
     ]
@@ -627,18 +322,12 @@ def _quantize(
     codes = codes.astype(jnp.uint8)
     packed = (codes[0::2] << 4) | codes[1::2]
     if not double_quant:
-        return QuantizedArray(packed=packed, absmax=absmax, nested_absmax=None, nested_offset=None, **meta)
+        return make(packed=packed, absmax=absmax, nested_absmax=None, nested_offset=None)
     # Like torch's ``absmax.mean()`` (a float32 sum divided by n); the two sums may add in a
     # different order, so the offset can differ from bitsandbytes' in the last bit.
     offset = jnp.sum(absmax) / jnp.float32(absmax.shape[0])
     absmax_codes, nested_absmax = _double_quantize(absmax, offset)
-    return QuantizedArray(
-        packed=packed,
-        absmax=absmax_codes,
-        nested_absmax=nested_absmax,
-        nested_offset=offset,
-        **meta,
-    )
+    return make(packed=packed, absmax=absmax_codes, nested_absmax=nested_absmax, nested_offset=offset)
 
 
 def _double_quantize(absmax: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -647,7 +336,7 @@ def _double_quantize(absmax: jax.Array, offset: jax.Array) -> tuple[jax.Array, j
     Returns the uint8 codes and the float32 maxima of the 256-value blocks.
     """
     nested_absmax, scaled = _blockwise(absmax - offset, NESTED_BLOCKSIZE)
-    codes = jnp.searchsorted(jnp.asarray(_DYNAMIC_BOUNDS), scaled, side="left", method="compare_all")
+    codes = jnp.searchsorted(jnp.asarray(DYNAMIC_BOUNDS), scaled, side="left", method="compare_all")
     # bitsandbytes' CPU kernel gives an all-zero block (e.g. a lone absmax minus its own mean)
     # code 0; any code decodes to 0 there, so this only keeps the bytes identical.
     zero_block = jnp.repeat(nested_absmax == 0, NESTED_BLOCKSIZE)[: codes.shape[0]]

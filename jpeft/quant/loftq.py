@@ -25,7 +25,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,32 @@ def low_rank(matrix: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     u, s, vh = jnp.linalg.svd(matrix, full_matrices=False)
     root = jnp.sqrt(s[:rank])
     return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+@overload
+def loftq_init(
+    weight: Any,
+    *,
+    bits: int,
+    iters: int,
+    rank: int,
+    blocksize: int = ...,
+    quant_type: str = ...,
+    return_quantized: Literal[False] = ...,
+) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+
+
+@overload
+def loftq_init(
+    weight: Any,
+    *,
+    bits: int,
+    iters: int,
+    rank: int,
+    blocksize: int = ...,
+    quant_type: str = ...,
+    return_quantized: Literal[True],
+) -> tuple[jax.Array, jax.Array, jax.Array, QuantizedArray]: ...
 
 
 def loftq_init(

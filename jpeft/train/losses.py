@@ -253,6 +253,7 @@ def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, width: int, vo
         total = jnp.sum((lse - picked.astype(jnp.float32)) * wt)
         d_hidden = None
         if need_hidden:
+            assert acc is not None  # carried through the scan exactly when need_hidden
             d_hidden = (acc / total_exp[:, None] - w_target) * (wt * grad_weight)[:, None]
             d_hidden = d_hidden.reshape(batch, length, features)
         return total, d_hidden
