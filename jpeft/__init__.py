@@ -16,11 +16,13 @@ from jpeft.core.registry import config_from_dict
 from jpeft.core.tree import combine, split
 from jpeft.errors import CheckpointError, ConfigError, JpeftError, NoMatchingModuleError
 from jpeft.mapping import get_peft_model
-from jpeft.peft_model import PeftMixedModel, PeftModel, named_modules
+from jpeft.mixed_model import PeftMixedModel
+from jpeft.peft_model import PeftModel, named_modules
 from jpeft.prompt_learning import PromptLearningPeftModel
 from jpeft.quant import QuantizationConfig, quantize_model
 from jpeft.tuners.adalora import AdaLoraConfig
 from jpeft.tuners.ia3 import IA3Config
+from jpeft.tuners.loha import LoHaConfig
 from jpeft.tuners.lora import LoftQConfig, LoraConfig
 from jpeft.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType, PTuningConfig
 from jpeft.tuners.prefix_tuning import PrefixTuningConfig
@@ -37,6 +39,7 @@ __all__ = [
     "JpeftError",
     "LinenBinding",
     "LoftQConfig",
+    "LoHaConfig",
     "LoraConfig",
     "ModuleInfo",
     "NoMatchingModuleError",

@@ -30,6 +30,7 @@ class PeftType(enum.StrEnum):
     ADALORA = "ADALORA"
     IA3 = "IA3"
     VERA = "VERA"
+    LOHA = "LOHA"
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
     P_TUNING = "P_TUNING"
