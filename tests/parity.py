@@ -103,3 +103,62 @@ def torch_peft_load(pair, folder: Path, **kwargs) -> Any:
     problems = [str(w.message) for w in caught if "missing adapter keys" in str(w.message).lower()]
     assert not problems, problems
     return model.eval()
+
+
+# --------------------------------------------------------------------------- checkpoint format
+
+# adapter_config.json fields whose *values* legitimately differ between a torch PEFT save and a
+# jpeft save of the same config (both files must still hold every key): the base model is the
+# torch folder on one side and the Flax model's name (None for a tiny model) on the other.
+# peft_version, revision and auto_mapping currently match too, so they are compared.
+CONFIG_VALUE_EXEMPT = frozenset({"base_model_name_or_path"})
+
+# PEFT keeps these as sets and writes them as lists in hash order (changes from run to run).
+SET_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules", "modules_to_save")
+
+
+def torch_peft_config(config: Any) -> Any:
+    """The torch PEFT config with the fields of jpeft's ``config`` (same ``peft_type``, same values)."""
+    import peft
+
+    return peft.PeftConfig.from_peft_type(**config.to_dict())
+
+
+def saved_tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{key: (shape, dtype)}`` of the folder's ``adapter_model.safetensors``."""
+    from safetensors.numpy import load_file
+
+    return {
+        k: (tuple(v.shape), str(v.dtype))
+        for k, v in load_file(Path(folder) / "adapter_model.safetensors").items()
+    }
+
+
+def saved_config(folder: Path) -> dict:
+    import json
+
+    return json.loads((Path(folder) / "adapter_config.json").read_text())
+
+
+def _semantic(field: str, value: Any) -> Any:
+    if field in SET_FIELDS and isinstance(value, list):
+        return frozenset(value)
+    return value
+
+
+def assert_same_config(jax_cfg: dict, torch_cfg: dict, exempt: frozenset[str] = CONFIG_VALUE_EXEMPT) -> None:
+    """The same keys, and the same values but for ``exempt`` (set-like fields compared as sets)."""
+    assert set(jax_cfg) == set(torch_cfg), (
+        f"adapter_config.json keys: only jpeft {sorted(set(jax_cfg) - set(torch_cfg))}, "
+        f"only peft {sorted(set(torch_cfg) - set(jax_cfg))}"
+    )
+    assert jax_cfg["peft_type"] == torch_cfg["peft_type"]
+    differing = {
+        field: (jax_cfg[field], torch_cfg[field])
+        for field in torch_cfg
+        if field not in exempt and _semantic(field, jax_cfg[field]) != _semantic(field, torch_cfg[field])
+    }
+    assert not differing, f"adapter_config.json values (jpeft, peft): {differing}"
+    for field in SET_FIELDS:  # a list stays a list and a regex string a string
+        if field in torch_cfg:
+            assert type(jax_cfg[field]) is type(torch_cfg[field]), (field, jax_cfg[field], torch_cfg[field])

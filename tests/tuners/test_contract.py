@@ -1,9 +1,16 @@
 """The contract every registered method meets, run through one table (optax-style).
 
+Columns (one parametrized test each, one row per method in ``CONFIGS``): contract (jit == eager,
+merged == unmerged and unmerge restores, grads only on trainable leaves, save/load round trip,
+jpeft -> torch) | torch -> jpeft | checkpoint format. Prompt methods (``PROMPT_CONFIGS``) run a
+reduced contract.
+
 For each method, on the same tiny Llama: jit == eager, merged == unmerged (and unmerge
 restores), gradients only on trainable leaves, save/load round trip bit-exact, and the
-saved folder loads in torch PEFT with equal logits. Method-specific behaviour lives in
-each method's own test file; this file makes sure no method skips the basics.
+saved folder loads in torch PEFT with equal logits; torch PEFT's adapter of the same config
+(perturbed, saved by peft) loads in jpeft with equal logits; and jpeft's saved folder has the
+tensor keys, shapes, dtypes and ``adapter_config.json`` of torch PEFT's. Method-specific
+behaviour lives in each method's own test file; this file makes sure no method skips the basics.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ CONFIGS = {
     jpeft.PeftType.ADALORA: lambda: jpeft.AdaLoraConfig(
         init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"]
     ),
+    jpeft.PeftType.LOHA: lambda: jpeft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
 }
 
 
@@ -119,6 +127,71 @@ def test_method_contract(pair, peft_type, tmp_path):
     # torch PEFT loads the folder and agrees
     torch_model = parity.torch_peft_load(pair, tmp_path / "adapter")
     assert np.abs(parity.torch_logits(torch_model, inputs) - eager).max() <= parity.ATOL
+
+
+@pytest.fixture(scope="module")
+def torch_saved(pair, tmp_path_factory):
+    """``torch_saved(peft_type)`` -> (folder, logits): torch PEFT's adapter for the row's config,
+    trainable tensors perturbed, saved by peft; built once per method."""
+
+    @functools.cache
+    def build(peft_type):
+        import peft
+        import torch
+
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = peft.get_peft_model(pair.torch_model(), parity.torch_peft_config(CONFIGS[peft_type]()))
+        parity.perturb_torch_trainable(model, seed=1)
+        model.eval()
+        folder = tmp_path_factory.mktemp(f"torch-{peft_type.value}")
+        model.save_pretrained(folder)
+        return folder, parity.torch_logits(model, pair.inputs())
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def jpeft_saved(pair, tmp_path_factory):
+    """``jpeft_saved(peft_type)`` -> folder: jpeft's adapter for the row (``_model``), saved; built once."""
+
+    @functools.cache
+    def build(peft_type):
+        folder = tmp_path_factory.mktemp(f"jpeft-{peft_type.value}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _model(pair, peft_type).save_pretrained(folder)
+        return folder
+
+    return build
+
+
+@pytest.mark.parametrize("peft_type", list(CONFIGS), ids=lambda t: t.value)
+def test_torch_to_jpeft(pair, torch_saved, peft_type):
+    """torch PEFT's adapter (perturbed, saved by peft) loaded by jpeft gives torch's logits."""
+    folder, ref = torch_saved(peft_type)
+    inputs = pair.inputs()
+    assert parity.max_diff(ref, np.asarray(pair.flax_model(**inputs).logits)) > 1e-3, "no-op adapter"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = jpeft.PeftModel.from_pretrained(pair.flax_model, folder)
+    assert type(loaded.peft_config["default"]) is type(CONFIGS[peft_type]())
+    diff = parity.assert_close(
+        parity.jax_logits(loaded, inputs), ref, f"torch PEFT {peft_type.value} in jpeft"
+    )
+    print(f"torch -> jpeft {peft_type.value} max|diff| = {diff:.2e}")
+
+
+@pytest.mark.parametrize("peft_type", list(CONFIGS), ids=lambda t: t.value)
+def test_checkpoint_format(torch_saved, jpeft_saved, peft_type):
+    """jpeft's folder has torch PEFT's tensor keys, shapes, dtypes and adapter_config.json."""
+    torch_dir, _ = torch_saved(peft_type)
+    jax_dir = jpeft_saved(peft_type)
+    theirs = parity.saved_tensors(torch_dir)
+    assert theirs, "torch PEFT saved no tensors"
+    assert parity.saved_tensors(jax_dir) == theirs
+    parity.assert_same_config(parity.saved_config(jax_dir), parity.saved_config(torch_dir))
 
 
 @pytest.mark.parametrize("peft_type", list(PROMPT_CONFIGS), ids=lambda t: t.value)
