@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-ARCHS = ("gpt2", "llama", "bert", "bart")
+ARCHS = ("gpt2", "llama", "bert", "bart", "opt")
 
 
 @dataclasses.dataclass
@@ -92,6 +92,20 @@ def configs():
             ),
             tf.BartForConditionalGeneration,
             tf.FlaxBartForConditionalGeneration,
+        ),
+        # FlaxOPT's `__call__` takes `deterministic=`, not `train=`; dropout stays at its 0.1 default.
+        "opt": (
+            tf.OPTConfig(
+                hidden_size=32,
+                ffn_dim=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=100,
+                max_position_embeddings=64,
+                word_embed_proj_dim=32,
+            ),
+            tf.OPTForCausalLM,
+            tf.FlaxOPTForCausalLM,
         ),
     }
 
