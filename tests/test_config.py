@@ -309,8 +309,8 @@ def test_unknown_peft_type_raises(value):
 
 
 def test_unimplemented_peft_type_raises():
-    with pytest.raises(jpeft.ConfigError, match="LOHA"):
-        jpeft.config_from_dict({"peft_type": "LOHA", "r": 4})
+    with pytest.raises(jpeft.ConfigError, match="LOKR"):
+        jpeft.config_from_dict({"peft_type": "LOKR", "r": 4})
     config = jpeft.config_from_dict(
         {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4, "task_type": "CAUSAL_LM"}
     )
