@@ -33,7 +33,7 @@ def quantize_model(
       >>> base = jpeft.quantize_model(model, QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
       >>> peft_model = jpeft.get_peft_model(base, LoraConfig(r=16, target_modules="all-linear"))
     """
-    from jpeft.peft_model import bind
+    from jpeft.bindings import bind  # deferred: bindings import transformers/flax modules
 
     binding = bind(model)
     transposed = [name for name, info in binding.modules.items() if info.kernel_transposed]

@@ -11,8 +11,8 @@ import optax
 import pytest
 
 import jpeft
+from jpeft.bindings import bind
 from jpeft.core.tree import flatten, get_path
-from jpeft.peft_model import bind
 from jpeft.quant import (
     QuantizationConfig,
     dequantize_params,

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import jpeft
+from jpeft.bindings import bind
 from jpeft.bindings import prefix as prefix_binding
-from jpeft.peft_model import bind
 from jpeft.prompt_learning import PromptLearningPeftModel
 from jpeft.tuners import prefix_tuning
 from jpeft.tuners.prefix_tuning import PrefixTuningConfig
