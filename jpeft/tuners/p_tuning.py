@@ -31,7 +31,7 @@ import math
 import re
 import warnings
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -299,8 +299,8 @@ def prompt_embeddings(
     if "mlp_head" not in encoder:
         return x
     if "lstm_head" in encoder:
-        assert isinstance(plan.config, PromptEncoderConfig)  # prepare refuses any other config
-        dropout = float(plan.config.encoder_dropout)
+        config = cast(PromptEncoderConfig, plan.config)  # this method's plans hold its config
+        dropout = float(config.encoder_dropout)
         x = bidirectional_lstm(encoder["lstm_head"], x, dropout=dropout, train=train, key=key)
     return _mlp(encoder["mlp_head"], x)
 
@@ -310,6 +310,9 @@ def prompt_embeddings(
 
 # Functions shared with the other prompt-learning methods (see prompt_base).
 apply_overrides = prompt_base.apply_overrides
+run = prompt_base.run
+generate = prompt_base.generate
+loss_batch = prompt_base.loss_batch
 key_entries = prompt_base.key_entries
 counted_in_total = prompt_base.counted_in_total
 
@@ -321,9 +324,9 @@ METHOD: method.Method[VirtualTokenPlan] = method.Method(
     key_entries=key_entries,
     counted_in_total=counted_in_total,
     prompt_embeddings=prompt_embeddings,
-    run=prompt_base.run,
-    generate=prompt_base.generate,
-    loss_batch=prompt_base.loss_batch,
+    run=run,
+    generate=generate,
+    loss_batch=loss_batch,
 )
 
 registry.register(PeftType.P_TUNING, PromptEncoderConfig, METHOD, kind="prompt")

@@ -170,6 +170,9 @@ def prompt_embeddings(
 
 # Functions shared with the other prompt-learning methods (see prompt_base).
 apply_overrides = prompt_base.apply_overrides
+run = prompt_base.run
+generate = prompt_base.generate
+loss_batch = prompt_base.loss_batch
 key_entries = prompt_base.key_entries
 counted_in_total = prompt_base.counted_in_total
 
@@ -181,9 +184,9 @@ METHOD: method.Method[VirtualTokenPlan] = method.Method(
     key_entries=key_entries,
     counted_in_total=counted_in_total,
     prompt_embeddings=prompt_embeddings,
-    run=prompt_base.run,
-    generate=prompt_base.generate,
-    loss_batch=prompt_base.loss_batch,
+    run=run,
+    generate=generate,
+    loss_batch=loss_batch,
 )
 
 registry.register(PeftType.PROMPT_TUNING, PromptTuningConfig, METHOD, kind="prompt")

@@ -393,10 +393,13 @@ def test_module_functions_follow_the_protocol(tiny):
     assert plan.config.modules_to_save == ["classifier", "score", "classifier", "score"]  # PEFT's quirk
     assert plan.word_embeddings == "bert.embeddings.word_embeddings"
     entries = prompt_tuning.key_entries(plan, adapter, "auto")
+    # the key table declares prompt_embeddings too (written from the encoder output, read into the table)
     assert sorted(e.file_key for e in entries) == [
         "base_model.classifier.bias",
         "base_model.classifier.weight",
+        "prompt_embeddings",
     ]
+    assert [e.file_key for e in entries if not e.save] == ["prompt_embeddings"]
     assert prompt_tuning.counted_in_total(plan, adapter) == 2 * 32 + 3 * 32 + 3
     batch = {"input_ids": np.ones((2, 5), np.int32), "labels": np.zeros((2,), np.int32)}
     assert prompt_tuning.loss_batch(plan, batch) is batch
