@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from jpeft.core.modules import ModuleInfo, format_module_table
-from jpeft.errors import NoMatchingModuleError
+from jpeft.errors import ConfigError, NoMatchingModuleError
 
 ALL_LINEAR = "all-linear"
 # PEFT compacts a long target list to a minimal set of suffixes (and saves that set).
@@ -193,3 +193,46 @@ def maybe_compact_targets(target_modules: Any, names: Sequence[str]) -> Any:
     others = [n for n in names if n not in target_modules and not n.endswith(suffix_tuple)]
     compact = find_minimal_target_modules(target_modules, others)
     return sorted(compact) if len(compact) < len(target_modules) else target_modules
+
+
+def check_pattern_keys(**patterns: Mapping[str, Any]) -> None:
+    """Raises ``ConfigError`` for a ``rank_pattern``/``alpha_pattern`` key that is not a valid regex."""
+    for field, pattern in patterns.items():
+        for key in pattern:
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise ConfigError(f"`{field}` key {key!r} is not a valid regex: {err}.") from None
+
+
+def per_layer_ranks(
+    targeted: Sequence[str],
+    rank_pattern: Mapping[str, int],
+    alpha_pattern: Mapping[str, float],
+    r: int,
+    alpha: float,
+) -> dict[str, tuple[int, float]]:
+    """``{module: (rank, alpha)}`` with PEFT's per-module overrides (:func:`get_pattern_key`).
+
+    Keys that match no targeted module are ignored with a ``RuntimeWarning``, as PEFT does.
+    """
+    used: dict[str, set[str]] = {"rank_pattern": set(), "alpha_pattern": set()}
+    out: dict[str, tuple[int, float]] = {}
+    for name in targeted:
+        rank_key = get_pattern_key(list(rank_pattern), name)
+        alpha_key = get_pattern_key(list(alpha_pattern), name)
+        used["rank_pattern"].update(k for k in (rank_key,) if k is not None)
+        used["alpha_pattern"].update(k for k in (alpha_key,) if k is not None)
+        out[name] = (
+            rank_pattern[rank_key] if rank_key is not None else r,
+            alpha_pattern[alpha_key] if alpha_key is not None else alpha,
+        )
+    for field, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        unused = [k for k in pattern if k not in used[field]]
+        if unused:
+            warnings.warn(
+                f"The following {field} keys did not match any targeted module and were ignored: {unused}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    return out

@@ -306,22 +306,15 @@ def adapter_specs(plan: AdaLoraPlan, adapter: Mapping[str, Any], base_specs: PyT
     """``lora_A`` split like the weight's input axis, ``lora_B`` like its output axis; ``E`` replicated."""
     from jax.sharding import PartitionSpec
 
-    def axes(spec: Any) -> tuple[Any, ...]:
-        entries = tuple(spec) if spec is not None else ()
-        return entries + (None,) * (2 - len(entries))
-
     out = {}
     for name, layer in plan.layers.items():
-        weight_axes = axes(get_path(base_specs, layer.info.weight_path))
-        in_axis, out_axis = weight_axes[::-1] if layer.info.kernel_transposed else weight_axes
+        in_axis, out_axis = base.weight_axes(base_specs, layer.info)
         out[name] = {
             "lora_A": PartitionSpec(None, in_axis),
             "lora_E": PartitionSpec(None, None),
             "lora_B": PartitionSpec(out_axis, None),
         }
-    saved = {name: get_path(base_specs, plan.modules[name].path) for name in adapter["modules_to_save"]}
-    biases = {k: get_path(base_specs, tuple(k.split("."))) for k in adapter["bias"]}
-    return {"adalora": out, "modules_to_save": saved, "bias": biases}
+    return {"adalora": out, **base.override_specs(adapter, plan.modules, base_specs)}
 
 
 # --------------------------------------------------------------------------- orthogonality

@@ -213,3 +213,22 @@ def bias_leaves_for(
         and path not in buffers
         and not any(path[: len(prefix)] == prefix for prefix in copied)
     ]
+
+
+def weight_axes(base_specs: PyTree, info: ModuleInfo) -> tuple[Any, Any]:
+    """``(in axis, out axis)``: the mesh axes the layer's weight is split along, from its partition spec.
+
+    Adapter leaves follow them (sharding them like the weight they adapt); a GPT-2 ``Conv1D``
+    kernel is stored ``(out, in)``.
+    """
+    spec = get_path(base_specs, info.weight_path)
+    entries = (tuple(spec) if spec is not None else ()) + (None, None)
+    first, second = entries[:2]
+    return (second, first) if info.kernel_transposed else (first, second)
+
+
+def override_specs(adapter: Mapping[str, Any], modules: Mapping[str, ModuleInfo], base_specs: PyTree) -> dict[str, Any]:
+    """Partition specs of an adapter's overrides: module copies and biases take their base leaves' specs."""
+    saved = {name: get_path(base_specs, modules[name].path) for name in adapter.get("modules_to_save", {})}
+    biases = {key: get_path(base_specs, tuple(key.split("."))) for key in adapter.get("bias", {})}
+    return {"modules_to_save": saved, "bias": biases}

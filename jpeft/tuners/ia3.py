@@ -413,19 +413,12 @@ def adapter_specs(plan: IA3Plan, adapter: Mapping[str, Any], base_specs: PyTree)
     """Partition specs: each vector is split like the weight axis it scales."""
     from jax.sharding import PartitionSpec
 
-    def axes(spec: Any, ndim: int) -> tuple[Any, ...]:
-        entries = tuple(spec) if spec is not None else ()
-        return entries + (None,) * (ndim - len(entries))
-
     ia3 = {}
     for name, layer in plan.layers.items():
-        info = layer.info
-        weight_axes = axes(get_path(base_specs, info.weight_path), 2)
-        in_axis, out_axis = weight_axes[::-1] if info.kernel_transposed else weight_axes
+        in_axis, out_axis = base.weight_axes(base_specs, layer.info)
         spec = PartitionSpec(None, in_axis) if layer.is_feedforward else PartitionSpec(out_axis, None)
         ia3[name] = {"ia3_l": spec}
-    saved = {name: get_path(base_specs, plan.modules[name].path) for name in adapter["modules_to_save"]}
-    return {"ia3": ia3, "modules_to_save": saved, "bias": {}}
+    return {"ia3": ia3, **base.override_specs(adapter, plan.modules, base_specs)}
 
 
 def innermost_layers(plan: IA3Plan) -> frozenset[str]:

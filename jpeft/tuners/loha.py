@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -48,7 +47,7 @@ import jax.numpy as jnp
 from jpeft.config import PeftConfig, PeftType
 from jpeft.core import method, registry
 from jpeft.core.modules import ModuleInfo
-from jpeft.core.targets import get_pattern_key
+from jpeft.core.targets import check_pattern_keys, per_layer_ranks
 from jpeft.core.tree import PyTree, count_params, get_path, set_path
 from jpeft.errors import ConfigError
 from jpeft.tuners import base
@@ -146,12 +145,7 @@ class LoHaConfig(PeftConfig):
                 "layer index in the regex or pass a list of names.",
                 stacklevel=3,
             )
-        for pattern_field in ("rank_pattern", "alpha_pattern"):
-            for key in getattr(self, pattern_field):
-                try:
-                    re.compile(key)
-                except re.error as err:
-                    raise ConfigError(f"`{pattern_field}` key {key!r} is not a valid regex: {err}.") from None
+        check_pattern_keys(rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -204,25 +198,11 @@ def prepare(config: LoHaConfig, binding: Any) -> LoHaPlan:
             "`jpeft.named_modules(model)`), or use LoRA for this model."
         )
 
-    layers: dict[str, LayerPlan] = {}
-    used: dict[str, set[str]] = {"rank_pattern": set(), "alpha_pattern": set()}
-    for index, name in enumerate(targeted):
-        rank_key = get_pattern_key(list(config.rank_pattern), name)
-        alpha_key = get_pattern_key(list(config.alpha_pattern), name)
-        r = config.rank_pattern[rank_key] if rank_key is not None else config.r
-        alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.alpha
-        used["rank_pattern"].update(k for k in (rank_key,) if k is not None)
-        used["alpha_pattern"].update(k for k in (alpha_key,) if k is not None)
-        layers[name] = LayerPlan(info=modules[name], index=index, r=r, alpha=float(alpha), scaling=alpha / r)
-    for pattern_field, matched in used.items():
-        unmatched = sorted(set(getattr(config, pattern_field)) - matched)
-        if unmatched:
-            warnings.warn(
-                f"The following {pattern_field} keys did not match any targeted module and were ignored: "
-                f"{unmatched}.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    ranks = per_layer_ranks(targeted, config.rank_pattern, config.alpha_pattern, config.r, config.alpha)
+    layers = {
+        name: LayerPlan(info=modules[name], index=index, r=r, alpha=float(alpha), scaling=alpha / r)
+        for index, (name, (r, alpha)) in enumerate(ranks.items())
+    }
     modules_to_save = base.resolve_modules_to_save(config.modules_to_save, modules)
     return LoHaPlan(config=config, layers=layers, modules=modules, modules_to_save=tuple(modules_to_save))
 
@@ -364,12 +344,10 @@ def adapter_specs(plan: LoHaPlan, adapter: Mapping[str, Any], base_specs: PyTree
 
     loha = {}
     for name, layer in plan.layers.items():
-        spec = get_path(base_specs, layer.info.weight_path)
-        in_axis, out_axis = ((tuple(spec) if spec is not None else ()) + (None, None))[:2]  # Dense: (in, out)
+        in_axis, out_axis = base.weight_axes(base_specs, layer.info)
         a_spec, b_spec = PartitionSpec(out_axis, None), PartitionSpec(None, in_axis)
         loha[name] = {"hada_w1_a": a_spec, "hada_w1_b": b_spec, "hada_w2_a": a_spec, "hada_w2_b": b_spec}
-    saved = {name: get_path(base_specs, plan.modules[name].path) for name in adapter["modules_to_save"]}
-    return {"loha": loha, "modules_to_save": saved, "bias": {}}
+    return {"loha": loha, **base.override_specs(adapter, plan.modules, base_specs)}
 
 
 METHOD: method.Method[LoHaPlan] = method.Method(

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jpeft.config import PeftConfig, PeftType
 from jpeft.core import method, registry
 from jpeft.core.modules import ModuleInfo
-from jpeft.core.targets import get_pattern_key
+from jpeft.core.targets import per_layer_ranks
 from jpeft.core.tree import PyTree, count_params, get_path, set_path
 from jpeft.errors import ConfigError
 from jpeft.tuners import base, lora_init, lowrank
@@ -95,18 +95,10 @@ def prepare(config: LoraConfig, binding: Any) -> LoraPlan:
         config = dataclasses.replace(config, fan_in_fan_out=False)
 
     layers: dict[str, LayerPlan] = {}
-    used_rank_keys: set[str] = set()
-    used_alpha_keys: set[str] = set()
+    ranks = per_layer_ranks(targeted, config.rank_pattern, config.alpha_pattern, config.r, config.lora_alpha)
     for index, name in enumerate(targeted):
         info = modules[name]
-        rank_key = get_pattern_key(list(config.rank_pattern), name)
-        alpha_key = get_pattern_key(list(config.alpha_pattern), name)
-        r = config.rank_pattern[rank_key] if rank_key is not None else config.r
-        alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.lora_alpha
-        if rank_key is not None:
-            used_rank_keys.add(rank_key)
-        if alpha_key is not None:
-            used_alpha_keys.add(alpha_key)
+        r, alpha = ranks[name]
         if info.kind == "embedding" and config.lora_bias:
             raise ConfigError(
                 f"lora_bias=True is not supported for embedding layers ({name}); set lora_bias=False."
@@ -119,14 +111,6 @@ def prepare(config: LoraConfig, binding: Any) -> LoraPlan:
             )
         scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         layers[name] = LayerPlan(info=info, index=index, r=int(r), alpha=float(alpha), scaling=float(scaling))
-    for pattern_field, used in (("rank_pattern", used_rank_keys), ("alpha_pattern", used_alpha_keys)):
-        unused = [k for k in getattr(config, pattern_field) if k not in used]
-        if unused:
-            warnings.warn(
-                f"The following {pattern_field} keys did not match any targeted module and were ignored: {unused}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
     if config.lora_bias:
         for name, layer in layers.items():
             if not layer.info.has_bias:
@@ -448,23 +432,15 @@ def adapter_specs(plan: LoraPlan, adapter: Mapping[str, Any], base_specs: PyTree
     """
     from jax.sharding import PartitionSpec
 
-    def axes(spec: Any, ndim: int) -> tuple[Any, ...]:
-        entries = tuple(spec) if spec is not None else ()
-        return entries + (None,) * (ndim - len(entries))
-
     lora = {}
     for name, layer in plan.layers.items():
-        info = layer.info
-        weight_axes = axes(get_path(base_specs, info.weight_path), 2)
-        in_axis, out_axis = weight_axes[::-1] if info.kernel_transposed else weight_axes
+        in_axis, out_axis = base.weight_axes(base_specs, layer.info)
         specs = {"lora_A": PartitionSpec(in_axis, None), "lora_B": PartitionSpec(None, out_axis)}
         for extra in ("lora_B_bias", "lora_magnitude_vector"):
             if extra in adapter["lora"][name]:
                 specs[extra] = PartitionSpec(out_axis)
         lora[name] = specs
-    saved = {name: get_path(base_specs, plan.modules[name].path) for name in adapter["modules_to_save"]}
-    biases = {key: get_path(base_specs, tuple(key.split("."))) for key in adapter["bias"]}
-    return {"lora": lora, "modules_to_save": saved, "bias": biases}
+    return {"lora": lora, **base.override_specs(adapter, plan.modules, base_specs)}
 
 
 # --------------------------------------------------------------------------- rules PeftModel asks about

@@ -13,6 +13,7 @@ import warnings
 from typing import Any, ClassVar
 
 from jpeft.config import PeftConfig, PeftType
+from jpeft.core.targets import check_pattern_keys
 from jpeft.errors import ConfigError
 
 _INITS = ("gaussian", "pissa", "olora", "loftq")
@@ -168,12 +169,7 @@ class LoraConfig(PeftConfig):
                 f"`init_lora_weights={init!r}` is not supported by jpeft. Use True, False, 'gaussian', 'pissa', "
                 "'pissa_niter_K', 'olora' or 'loftq' (EVA, CorDA, LoRA-GA and orthogonal inits are not implemented)."
             )
-        for pattern_field in ("rank_pattern", "alpha_pattern"):
-            for key in getattr(self, pattern_field):
-                try:
-                    re.compile(key)
-                except re.error as err:
-                    raise ConfigError(f"`{pattern_field}` key {key!r} is not a valid regex: {err}.") from None
+        check_pattern_keys(rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

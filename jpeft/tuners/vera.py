@@ -355,20 +355,13 @@ def adapter_specs(plan: VeraPlan, adapter: Mapping[str, Any], base_specs: PyTree
 
     vera = {}
     for name, layer in plan.layers.items():
-        info = layer.info
-        spec = get_path(base_specs, info.weight_path)
-        weight_axes = (tuple(spec) if spec is not None else ()) + (None, None)
-        weight_axes = weight_axes[:2]
-        out_axis = weight_axes[0] if info.kernel_transposed else weight_axes[1]
+        _, out_axis = base.weight_axes(base_specs, layer.info)
         vera[name] = {"vera_lambda_b": PartitionSpec(out_axis), "vera_lambda_d": PartitionSpec(None)}
-    saved = {name: get_path(base_specs, plan.modules[name].path) for name in adapter["modules_to_save"]}
-    biases = {key: get_path(base_specs, tuple(key.split("."))) for key in adapter["bias"]}
     return {
         "vera_A": PartitionSpec(None, None),
         "vera_B": PartitionSpec(None, None),
         "vera": vera,
-        "modules_to_save": saved,
-        "bias": biases,
+        **base.override_specs(adapter, plan.modules, base_specs),
     }
 
 
