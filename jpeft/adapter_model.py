@@ -3,10 +3,11 @@
 The state half of :class:`jpeft.PeftModel`: the frozen base params, one adapter tree,
 config and :class:`~jpeft.core.method.Plan` per adapter name, the active set, and PEFT's
 API over them (``add_adapter``, ``set_adapter``, ``delete_adapter``, ``disable_adapter``,
-``add_weighted_adapter``, ``trainable_mask``, ``split_params``, parameter counts). Every
-write of adapter state goes through ``_store``; methods that change an adapter return new
-values (:class:`~jpeft.core.method.AdapterState`) that it stores. ``PeftModel`` adds
-running, merging and saving them.
+``add_weighted_adapter``, ``trainable_mask``, ``split_params``, parameter counts). An
+adapter's config and plan change only through ``_store``: methods that change an adapter
+return a new :class:`~jpeft.core.method.AdapterState` and it records it. ``PeftModel`` adds
+running, merging and saving; it writes only trees (``params``, loaded tensors, merged
+weights) directly.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class AdapterModel:
         self._store(adapter_name, AdapterState(plan.config, plan, adapter), new_base)
 
     def _store(self, adapter_name: str, state: AdapterState, new_base: PyTree | None = None) -> None:
-        """Records a new or changed adapter: the one place where adapter state is written."""
+        """Records a new or changed adapter: the one place an adapter's config and plan are written."""
         config, plan = state.config, state.plan
         if config.base_model_name_or_path is None and self._binding.name_or_path:
             config = dataclasses.replace(config, base_model_name_or_path=self._binding.name_or_path)

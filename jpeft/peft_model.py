@@ -203,8 +203,6 @@ class PeftModel(AdapterModel):
         """
         params = self.params if params is None else params
         names = list(adapter_names) if adapter_names is not None else self._active
-        for name in names:
-            merging.mergeable(self._plans[name])
         if self._merged:
             raise ValueError(
                 f"adapters {list(self._merged)} are merged into the base already; call `unmerge_adapter()` first."
@@ -222,8 +220,6 @@ class PeftModel(AdapterModel):
         """
         requested = adapter_names if adapter_names is not None else self._active
         names = [n for n in requested if n not in self._merged]
-        for name in names:
-            merging.mergeable(self._plans[name])
         merging.warn_if_tied_embedding(self._plans, names, self._binding.tied_embedding_names)
         for name in names:
             self.base_params, self._merged[name] = merging.merge_one(
@@ -232,8 +228,8 @@ class PeftModel(AdapterModel):
 
     def unmerge_adapter(self) -> None:
         """Takes every merged adapter back out of the base weights (in reverse merge order)."""
-        for name in self._active:
-            merging.mergeable(self._plans[name])
+        for plan in self._plans.values():
+            merging.mergeable(plan)  # adapters that cannot be merged (prompt learning) cannot be unmerged either
         for name in reversed(list(self._merged)):
             record = self._merged.pop(name)
             self.base_params = merging.unmerge_one(self.base_params, self._plans[name], self.adapters[name], record)

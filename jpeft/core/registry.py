@@ -48,6 +48,10 @@ def register(
     """Registers ``method`` for ``peft_type`` (checks that it provides what ``kind`` needs)."""
     if not isinstance(method, Method):
         raise TypeError(f"register({peft_type.value}): `method` must be a jpeft.core.method.Method.")
+    if config_class.peft_type != peft_type:
+        raise TypeError(
+            f"register({peft_type.value}): {config_class.__name__}.peft_type is {config_class.peft_type.value}."
+        )
     if kind == "prompt" and mixable:
         raise ValueError(f"register({peft_type.value}): prompt methods cannot be mixed with others.")
     method.check(kind, peft_type.value)
