@@ -36,11 +36,9 @@ import jax.numpy as jnp
 
 from jpeft.bindings.linen import hooked
 from jpeft.core.architectures import PrefixStyle as Style
-from jpeft.core.architectures import architecture
+from jpeft.core.architectures import architecture, prefix_supported
 from jpeft.core.tree import PyTree, flatten, unflatten
 from jpeft.errors import ConfigError
-
-SUPPORTED = "GPT-2 and Llama (CAUSAL_LM), BERT (SEQ_CLS), BART (SEQ_2_SEQ_LM)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +103,7 @@ def injection_for(binding: Any, config: Any) -> PrefixInjection:
     if arch is None or binding.config is None:
         raise ConfigError(
             f"prefix tuning cannot inject key/value prefixes into {class_name} (model type {model_type!r}): jpeft "
-            f"has no prefix injection for it. Supported: transformers Flax {SUPPORTED}; use prompt tuning or "
+            f"has no prefix injection for it. Supported (model type and task): {prefix_supported()}; use prompt tuning or "
             "LoRA for this model."
         )
     if config.task_type not in arch.tasks:

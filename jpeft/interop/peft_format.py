@@ -132,7 +132,7 @@ def load_state(
             "is incomplete."
         )
     if missing:
-        unprefixed = [k for k in tensors if not k.startswith(PEFT_PREFIX) and k != "prompt_embeddings"]
+        unprefixed = [k for k in tensors if k not in expected and not k.startswith(PEFT_PREFIX)]
         hint = (
             f" The file's keys lack the {PEFT_PREFIX!r} prefix PEFT requires (e.g. {unprefixed[0]!r})."
             if unprefixed

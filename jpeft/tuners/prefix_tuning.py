@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jpeft.bindings import prefix as injection_lib
 from jpeft.config import TASK_HEAD_MODULES, PeftType
 from jpeft.core import method, registry
+from jpeft.core.architectures import prefix_supported
 from jpeft.core.modules import ModuleInfo
 from jpeft.core.tree import PyTree
 from jpeft.errors import ConfigError
@@ -101,7 +102,7 @@ def prepare(config: PrefixTuningConfig, binding: Any) -> PrefixPlan:
     if binding.config is None:
         raise ConfigError(
             f"prefix tuning cannot inject key/value prefixes into {binding.class_name}: it needs a transformers "
-            f"Flax model (supported: {injection_lib.SUPPORTED})."
+            f"Flax model (supported model types and tasks: {prefix_supported()})."
         )
     config = fill_from_model_config(config, binding.config)
     heads = TASK_HEAD_MODULES.get(config.task_type) if config.task_type else None
