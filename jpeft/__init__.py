@@ -10,6 +10,9 @@ The public surface keeps PEFT's names::
 from jpeft import train  # noqa: F401  (jpeft.train.make_train_step, ...)
 from jpeft import tuners as _tuners  # noqa: F401  (registers the methods)
 from jpeft.bindings.linen import LinenBinding
+from jpeft.bindings.nnx import NNXBinding
+from jpeft.bindings.nnx_layers import LayerSpec
+from jpeft.bindings.nnx_layers import register_layer as register_nnx_layer
 from jpeft.config import PeftConfig, PeftType, TaskType
 from jpeft.core.modules import ModuleInfo
 from jpeft.core.registry import config_from_dict
@@ -17,6 +20,7 @@ from jpeft.core.tree import combine, split
 from jpeft.errors import CheckpointError, ConfigError, JpeftError, NoMatchingModuleError
 from jpeft.mapping import get_peft_model
 from jpeft.mixed_model import PeftMixedModel
+from jpeft.nnx_module import PeftModule
 from jpeft.peft_model import PeftModel, named_modules
 from jpeft.prompt_learning import PromptLearningPeftModel
 from jpeft.quant import QuantizationConfig, quantize_model
@@ -37,15 +41,18 @@ __all__ = [
     "ConfigError",
     "IA3Config",
     "JpeftError",
+    "LayerSpec",
     "LinenBinding",
     "LoftQConfig",
     "LoHaConfig",
     "LoraConfig",
     "ModuleInfo",
+    "NNXBinding",
     "NoMatchingModuleError",
     "PeftConfig",
     "PeftMixedModel",
     "PeftModel",
+    "PeftModule",
     "PeftType",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
@@ -62,5 +69,6 @@ __all__ = [
     "get_peft_model",
     "named_modules",
     "quantize_model",
+    "register_nnx_layer",
     "split",
 ]

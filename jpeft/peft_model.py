@@ -104,7 +104,9 @@ class PeftModel(AdapterModel):
             call = self._mixed_batch_call(params, adapter_names, train)
             return self._binding.run(call.params, call.hook, call.names, args, kwargs, train=False, dropout_rng=None)
         call = self._call(params, active_adapters, train, dropout_rng)
-        return self._binding.run(call.params, call.hook, call.names, args, kwargs, train=train, dropout_rng=call.dropout_rng)
+        return self._binding.run(
+            call.params, call.hook, call.names, args, kwargs, train=train, dropout_rng=call.dropout_rng, carry=call.carry
+        )
 
     def _call(
         self, params: Mapping[str, Any], active: Sequence[str] | None, train: bool, dropout_rng: jax.Array | None
@@ -183,6 +185,52 @@ class PeftModel(AdapterModel):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.apply(self.params, *args, **kwargs)
+
+    # ------------------------------------------------------------------ NNX
+
+    def module(self, *, rngs: Any = None) -> Any:
+        """This model as an ``nnx.Module`` (:class:`jpeft.nnx_module.PeftModule`), for training the NNX way.
+
+        Its trainable adapter leaves are ``nnx.LoRAParam``, so ``nnx.Optimizer(module, tx,
+        wrt=nnx.LoRAParam)`` trains the adapters only; calling it computes what ``apply`` does.
+        ``rngs`` (e.g. ``nnx.Rngs(dropout=0)``) feeds dropout after ``module.train()``. Bring the
+        trained adapters back with :meth:`update_from_module` (or ``module.save_pretrained``).
+        Only for NNX base models.
+        """
+        from jpeft.bindings.nnx import NNXBinding
+        from jpeft.nnx_module import PeftModule
+
+        if not isinstance(self._binding, NNXBinding):
+            raise TypeError(
+                f"module() gives an nnx.Module, but this PeftModel wraps a {self._binding.class_name}, not an "
+                "nnx.Module: train it with `apply`/`jpeft.make_train_step` instead."
+            )
+        quantized = lambda leaf: hasattr(leaf, "dequantize")  # noqa: E731
+        if any(quantized(leaf) for leaf in jax.tree.leaves(self.base_params, is_leaf=quantized)):
+            raise ValueError(
+                "module() would decode this quantized base into full precision; train a quantized NNX base "
+                "with `apply`/`jpeft.make_train_step`, which decode one layer at a time."
+            )
+        return PeftModule(self, rngs=rngs)
+
+    def update_from_module(self, module: Any) -> None:
+        """Copies the adapters of ``module`` (from :meth:`module`, trained the NNX way) into this model."""
+        from jpeft.nnx_module import PeftModule
+
+        if not isinstance(module, PeftModule) or module.peft_model is not self:
+            raise TypeError("update_from_module takes the module this PeftModel's `module()` returned.")
+        trained = module.peft_params()["adapters"]
+
+        def fill(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> dict[str, Any]:
+            # an empty subtree (no modules_to_save) has no variables in the module: keep ours
+            return {
+                key: fill(value, theirs.get(key, {})) if isinstance(value, Mapping) else theirs[key]
+                for key, value in mine.items()
+            }
+
+        params = self.params
+        params["adapters"] = fill(params["adapters"], trained)
+        self.params = params
 
     # ------------------------------------------------------------------ merge
 

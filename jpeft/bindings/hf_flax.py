@@ -112,7 +112,9 @@ class HFFlaxBinding:
         *,
         train: bool,
         dropout_rng: jax.Array | None,
+        carry: Mapping[str, PyTree] | None = None,
     ) -> Any:
+        assert not carry, "a linen model has no stacked modules to carry adapters through"
         with hooked(hook, names, remat=self.remat, train=train):
             return self.model(*args, params=params, dropout_rng=dropout_rng, **self._mode_argument(train), **kwargs)
 

@@ -331,7 +331,9 @@ class LinenBinding:
         *,
         train: bool,
         dropout_rng: jax.Array | None,
+        carry: Mapping[str, PyTree] | None = None,
     ) -> Any:
+        assert not carry, "a linen model has no stacked modules to carry adapters through"
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
         with hooked(hook, names, remat=self.remat, train=train):
             return self.module.apply({"params": params, **self.other_variables}, *args, rngs=rngs, **kwargs)

@@ -19,8 +19,10 @@ import jax
 from jpeft.core.modules import ModuleInfo
 from jpeft.core.tree import Path, PyTree
 
-# hook(module name, module input, module output) -> the output with the adapters' contributions
-Hook = Callable[[str, jax.Array, jax.Array], jax.Array]
+# hook(module name, module input, module output[, carried]) -> the output with the adapters'
+# contributions. ``carried`` is given for a stacked module only: its slice of the ``carry`` tree
+# that ``run`` attached to it (see :func:`jpeft.runtime.forward.prepare`).
+Hook = Callable[..., jax.Array]
 
 
 @runtime_checkable
@@ -43,6 +45,7 @@ class Binding(Protocol):
         ``"all-linear"``).
       tied_embedding_names: input embeddings the output head shares its weight with.
       buffer_paths: params that are buffers in torch (not counted, never trained).
+      (a stacked module's layers are listed one by one: see :class:`~jpeft.core.modules.Stack`)
       head_output_is_logits: whether the model returns ``lm_head``'s output unchanged as its
         logits (lets the train step fuse the head with the loss).
     """
@@ -84,11 +87,16 @@ class Binding(Protocol):
         *,
         train: bool,
         dropout_rng: jax.Array | None,
+        carry: Mapping[str, PyTree] | None = None,
     ) -> Any:
         """The model's forward on ``params`` with ``hook`` applied to the modules in ``names``.
 
         ``args``/``kwargs`` are the model's own inputs; ``train`` turns its dropout on (the
         binding passes it in whatever form the model takes: ``train=``, ``deterministic=``).
+        ``carry`` (stacked modules only) maps a stacked module's name to a tree whose leaves
+        have the stack's leading axis: the binding makes it travel with that module's weights
+        (sliced per layer by the model's own scan) and passes the slice as the hook's fourth
+        argument. A binding without stacked modules never receives one.
         """
         ...
 

@@ -171,6 +171,9 @@ class Method(Generic[PlanT]):
       counted_in_total: ``(plan, adapter) -> int``: what PEFT adds to ``all params``.
 
     Required of layer methods (``kind="layer"``):
+      layer_tree: the adapter tree's key under which each layer's own params live, by module
+        name (``adapter["lora"]["model.layers.0.self_attn.q_proj"]``). The runtime relies on it
+        to stack the params of a stacked module's layers (:mod:`jpeft.runtime.forward`).
       layer_forward: see :data:`LayerForward`.
       merge, unmerge, merge_record: ``merge(base, adapter, plan) -> base``; ``merge_record``
         is taken before a merge and handed to ``unmerge(base, adapter, plan, record)``.
@@ -214,6 +217,7 @@ class Method(Generic[PlanT]):
     key_entries: Callable[[PlanT, Mapping[str, Any], bool | str], list[KeyEntry]]
     counted_in_total: Callable[[PlanT, Mapping[str, Any]], int]
     # layer methods
+    layer_tree: str | None = None
     layer_forward: LayerForward | None = None
     merge: Callable[[PyTree, Mapping[str, Any], PlanT], PyTree] | None = None
     merge_record: Callable[[PyTree, Mapping[str, Any], PlanT], Any] | None = None
@@ -240,7 +244,7 @@ class Method(Generic[PlanT]):
     def check(self, kind: Kind, name: str) -> None:
         """Raises ``TypeError`` when a function ``kind`` requires is missing (at registration)."""
         required = {
-            "layer": ("layer_forward", "merge", "merge_record", "unmerge"),
+            "layer": ("layer_tree", "layer_forward", "merge", "merge_record", "unmerge"),
             "prompt": ("prompt_embeddings", "run", "generate", "loss_batch"),
         }[kind]
         missing = [field for field in required if getattr(self, field) is None]

@@ -18,6 +18,26 @@ from jpeft.core.tree import Path
 LayerKind = Literal["linear", "embedding", "other"]
 
 
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """Where one layer sits in a stacked module.
+
+    A stacked module (built with ``nnx.vmap`` and run with ``nnx.scan``) holds the weights of
+    ``size`` layers along a leading axis. The binding lists each of its layers as a module of
+    its own, under the name a torch user sees (``layers.3.self_attn.q_proj``), whose ``path``
+    selects the layer's row with a :class:`~jpeft.core.tree.Row`.
+
+    Attributes:
+      name: the stacked module's own name (``layers.self_attn.q_proj``): what the binding hooks.
+      position: the layer's row in the stack.
+      size: the number of stacked layers.
+    """
+
+    name: str
+    position: int
+    size: int
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModuleInfo:
     """One named module of a model.
@@ -35,7 +55,11 @@ class ModuleInfo:
       weight_name: the leaf holding the weight (``kernel`` or ``embedding``).
       kernel_transposed: ``True`` when the Flax weight is stored ``(out, in)`` (GPT-2's
         ``FlaxConv1D``) instead of Flax's usual ``(in, out)``.
-      param_shapes: shapes of the module's own leaves (not its children's).
+      param_shapes: shapes of the module's own leaves (not its children's); one layer's
+        shapes for a stacked layer.
+      stack: where the layer sits in a stacked module (``None``: not stacked).
+      refusal: for a module the binding cannot adapt, why, and what to do (the error raised
+        when a config targets it); empty when no more is known than its kind.
     """
 
     name: str
@@ -48,6 +72,13 @@ class ModuleInfo:
     weight_name: str | None = None
     kernel_transposed: bool = False
     param_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    stack: Stack | None = None
+    refusal: str = ""
+
+    @property
+    def hook_name(self) -> str:
+        """The name the binding hands to the layer hook: the stacked module's for a stacked layer."""
+        return self.stack.name if self.stack is not None else self.name
 
     @property
     def has_bias(self) -> bool:

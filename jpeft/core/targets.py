@@ -97,6 +97,8 @@ def select_targets(
         if result is EXCLUDED:
             excluded.append(name)
         elif result:
+            if info.kind not in supported_kinds and info.refusal:
+                raise NoMatchingModuleError(info.refusal)
             if info.kind not in supported_kinds:
                 # PEFT raises for a matched module of an unsupported type too.
                 raise NoMatchingModuleError(

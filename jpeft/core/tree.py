@@ -4,6 +4,11 @@ A parameter tree here is a nest of ``dict``s with ``str`` keys and array leaves,
 shape used by Flax linen (``params``), by transformers' Flax models and by NNX state
 converted with ``nnx.to_pure_dict``. Paths are tuples of keys.
 
+A path may hold a :class:`Row`: one position along the leading axis of every leaf below
+it. That is how one layer of a stacked (``nnx.scan``/``nnx.vmap``-built) module is named:
+``("layers", Row(3), "attn", "q", "kernel")`` is row 3 of the stacked ``layers.attn.q.kernel``,
+and its dotted form ``layers.3.attn.q.kernel`` is the torch name of that layer.
+
 ``split``/``combine`` follow equinox's ``partition``/``combine``: ``None`` marks a hole,
 so ``combine(*split(tree, mask)) == tree``.
 """
@@ -17,6 +22,42 @@ import jax
 
 PyTree = Any
 Path = tuple[str, ...]
+
+
+class Row(str):
+    """A path element selecting one row of the leading (stacked-layer) axis of the leaves below it.
+
+    A ``str`` (its text is the row number) so that dotted names read as torch's do.
+    """
+
+    __slots__ = ("position",)
+    position: int
+
+    def __new__(cls, position: int) -> Row:
+        row = super().__new__(cls, str(position))
+        row.position = position
+        return row
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Row, (self.position,))
+
+
+def _split_rows(path: Path) -> tuple[Path, tuple[int, ...]]:
+    """``path`` without its :class:`Row` elements, and the rows in order (outermost first)."""
+    rows = tuple(key.position for key in path if isinstance(key, Row))
+    if not rows:
+        return path, ()
+    return tuple(key for key in path if not isinstance(key, Row)), rows
+
+
+def _take_rows(value: Any, rows: tuple[int, ...]) -> Any:
+    return jax.tree.map(lambda leaf: leaf[rows], value)
+
+
+def _put_rows(old: Any, rows: tuple[int, ...], new: Any) -> Any:
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda o, n: jnp.asarray(o).at[rows].set(jnp.asarray(n, jnp.asarray(o).dtype)), old, new)
 
 
 def iter_leaves(tree: Mapping[str, Any], prefix: Path = ()) -> Iterator[tuple[Path, Any]]:
@@ -47,7 +88,13 @@ def unflatten(flat: Mapping[Path, Any]) -> dict[str, Any]:
 
 
 def get_path(tree: Mapping[str, Any], path: Path) -> Any:
-    """Returns the subtree or leaf at ``path``; raises ``KeyError`` naming the missing key."""
+    """Returns the subtree or leaf at ``path``; raises ``KeyError`` naming the missing key.
+
+    With :class:`Row` elements, the rows of every leaf below (a stacked layer's slice).
+    """
+    path, rows = _split_rows(path)
+    if rows:
+        return _take_rows(get_path(tree, path), rows)
     node: Any = tree
     for i, key in enumerate(path):
         if not isinstance(node, Mapping) or key not in node:
@@ -67,8 +114,12 @@ def has_path(tree: Mapping[str, Any], path: Path) -> bool:
 def set_path(tree: Mapping[str, Any], path: Path, value: Any) -> dict[str, Any]:
     """Returns a copy of ``tree`` with ``value`` at ``path``; the input is never mutated.
 
-    Only the dicts along ``path`` are copied; every other subtree is shared.
+    Only the dicts along ``path`` are copied; every other subtree is shared. With
+    :class:`Row` elements, ``value`` replaces those rows of the stacked leaves there.
     """
+    stripped, rows = _split_rows(path)
+    if rows:
+        return set_path(tree, stripped, _put_rows(get_path(tree, stripped), rows, value))
     if not path:
         return value
     head, *rest = path

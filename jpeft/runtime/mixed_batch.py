@@ -113,6 +113,14 @@ def prepare(
     ``order`` are the adapters a mixed batch may name, in id order; check them first with
     :func:`check_adapters`.
     """
+    stacked = sorted(
+        {layer.info.stack.name for n in order for layer in plans[n].layers.values() if layer.info.stack is not None}
+    )
+    if stacked:
+        raise ValueError(
+            f"mixed batches (`adapter_names=`) are not supported on stacked (scanned) modules ({', '.join(stacked)}): "
+            "run one adapter per call, or unroll the stack."
+        )
     ids = jnp.asarray(ids, jnp.int32)
     if ids.ndim != 1:
         raise ValueError(f"`adapter_names` must give one adapter per example, got shape {ids.shape}.")

@@ -206,12 +206,13 @@ def bias_leaves_for(
     if bias == "lora_only":
         return [modules[name].bias_path for name in targeted if modules[name].has_bias]
     copied = [modules[name].path for name in modules_to_save]
+    # by module, so that each layer of a stacked module has its own (``layers.3.attn.q.bias``)
+    owned = [info.bias_path for info in modules.values() if "bias" in info.param_shapes]
+    root: list[Path] = [("bias",)] if "bias" in params else []
     return [
         path
-        for path, _ in iter_leaves(params)
-        if path[-1] == "bias"
-        and path not in buffers
-        and not any(path[: len(prefix)] == prefix for prefix in copied)
+        for path in root + owned
+        if path not in buffers and not any(path[: len(prefix)] == prefix for prefix in copied)
     ]
 
 

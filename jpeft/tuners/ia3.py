@@ -433,6 +433,7 @@ METHOD: method.Method[IA3Plan] = method.Method(
     apply_overrides=apply_overrides,
     key_entries=key_entries,
     counted_in_total=counted_in_total,
+    layer_tree="ia3",
     layer_forward=layer_forward,
     merge=merge,
     merge_record=merge_record,

@@ -483,6 +483,7 @@ METHOD: method.Method[LoraPlan] = method.Method(
     apply_overrides=apply_overrides,
     key_entries=key_entries,
     counted_in_total=counted_in_total,
+    layer_tree="lora",
     layer_forward=layer_forward,
     merge=merge,
     merge_record=merge_record,

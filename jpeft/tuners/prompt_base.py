@@ -243,7 +243,8 @@ def prepare_virtual_tokens(config: PromptLearningConfig, binding: Any) -> Virtua
         raise ConfigError(
             f"{method} cannot adapt {binding.class_name}: prompt learning needs a transformers Flax model (its "
             "config gives num_layers/token_dim, its word embedding takes the virtual tokens). Pass a "
-            "FlaxAutoModelFor... model."
+            "FlaxAutoModelFor... model; an arbitrary nnx.Module or linen module does not say how it embeds tokens, "
+            "so use a layer method (LoRA, IA3, ...) there."
         )
     task = config.task_type
     if task not in VIRTUAL_TOKEN_TASKS:
