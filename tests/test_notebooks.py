@@ -14,7 +14,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["quickstart.ipynb", "export_to_torch.ipynb"]
+NAMES = ["quickstart.ipynb", "export_to_torch.ipynb", "nnx.ipynb"]
 KERNEL = "python3"
 
 
