@@ -141,27 +141,12 @@ def jpeft_functional(shape: LMShape, ids, *, r: int, lr: float = 1e-4):
         build_model(shape), jpeft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS)
     )
     trainable, frozen = pm.split_params()
-    tx = optax.adamw(lr)
-    opt_state = tx.init(trainable)
 
     def loss_fn(t, f):
         return loss_of(pm.apply(t, ids, frozen=f, train=False), ids)
 
-    def step(t, o, f):
-        loss, grads = jax.value_and_grad(loss_fn)(t, f)
-        updates, o = tx.update(grads, o, t)
-        return optax.apply_updates(t, updates), o, loss
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    compiled, lower_s, compile_s = common.compile_timed(jitted, trainable, opt_state, frozen)
-    box = {"t": trainable, "o": opt_state}
-
-    def run():
-        box["t"], box["o"], loss = compiled(box["t"], box["o"], frozen)
-        return jax.block_until_ready(loss)
-
     n_train = sum(x.size for x in jax.tree.leaves(trainable))
-    return steps.Runner("jpeft", run, compiled, lower_s, compile_s, {"trainable": n_train})
+    return steps.optax_runner("jpeft", loss_fn, trainable, frozen, optax.adamw(lr), {"trainable": n_train})
 
 
 def nnx_runner(name: str, module, ids, *, lr: float = 1e-4):

@@ -50,8 +50,6 @@ def qwix_lora(model, batch, *, r: int, targets, lr: float = 1e-4):
     lora = jax.tree_util.tree_map_with_path(lambda p, x: x if is_lora(p) else None, params)
     frozen = jax.tree_util.tree_map_with_path(lambda p, x: None if is_lora(p) else x, params)
     frozen = _fill(frozen, base)
-    tx = optax.adamw(lr)
-    opt_state = tx.init(lora)
 
     def merge(a, b):
         return jax.tree.map(lambda x, y: x if x is not None else y, a, b, is_leaf=lambda x: x is None)
@@ -60,20 +58,7 @@ def qwix_lora(model, batch, *, r: int, targets, lr: float = 1e-4):
         logits = module.apply({"params": merge(lora_p, frozen_p)}, ids, mask, pos).logits
         return steps.causal_loss(logits, ids, mask)
 
-    def step(lora_p, o, frozen_p):
-        loss, grads = jax.value_and_grad(loss_fn)(lora_p, frozen_p)
-        updates, o = tx.update(grads, o, lora_p)
-        return optax.apply_updates(lora_p, updates), o, loss
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    compiled, lower_s, compile_s = common.compile_timed(jitted, lora, opt_state, frozen)
-    box = {"lora": lora, "o": opt_state}
-
-    def run():
-        box["lora"], box["o"], loss = compiled(box["lora"], box["o"], frozen)
-        return jax.block_until_ready(loss)
-
-    return steps.Runner("qwix", run, compiled, lower_s, compile_s)
+    return steps.optax_runner("qwix", loss_fn, lora, frozen, optax.adamw(lr))
 
 
 def _fill(holes, base):

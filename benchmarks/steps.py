@@ -24,6 +24,31 @@ class Runner:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def optax_runner(
+    name: str, loss_fn: Callable[[Any, Any], Any], trainable: Any, frozen: Any, tx: Any, info: Mapping[str, Any] | None = None
+) -> Runner:
+    """A Runner of one jitted optax step on ``trainable`` (donated with its optimizer state); ``frozen``
+    is passed through, never differentiated. ``loss_fn(trainable, frozen) -> loss``."""
+    import jax
+    import optax
+
+    def step(t, o, f):
+        loss, grads = jax.value_and_grad(loss_fn)(t, f)
+        updates, o = tx.update(grads, o, t)
+        return optax.apply_updates(t, updates), o, loss
+
+    opt_state = tx.init(trainable)
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    compiled, lower_s, compile_s = common.compile_timed(jitted, trainable, opt_state, frozen)
+    box = {"t": trainable, "o": opt_state}
+
+    def run():
+        box["t"], box["o"], loss = compiled(box["t"], box["o"], frozen)
+        return jax.block_until_ready(loss)
+
+    return Runner(name, run, compiled, lower_s, compile_s, dict(info or {}))
+
+
 def jpeft_lora(
     model: Any,
     batch: Mapping[str, Any],

@@ -104,8 +104,9 @@ class PeftModel(AdapterModel):
             call = self._mixed_batch_call(params, adapter_names, train)
             return self._binding.run(call.params, call.hook, call.names, args, kwargs, train=False, dropout_rng=None)
         call = self._call(params, active_adapters, train, dropout_rng)
+        stacked = {"carry": call.carry} if call.carry else {}  # only bindings with stacked modules take it
         return self._binding.run(
-            call.params, call.hook, call.names, args, kwargs, train=train, dropout_rng=call.dropout_rng, carry=call.carry
+            call.params, call.hook, call.names, args, kwargs, train=train, dropout_rng=call.dropout_rng, **stacked
         )
 
     def _call(

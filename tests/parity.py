@@ -67,6 +67,23 @@ def perturb_torch_trainable(model: Any, seed: int = 1, scale: float = 0.1) -> No
                 param.add_(scale * torch.randn(param.shape, generator=gen))
 
 
+def perturb_trainable(model: jpeft.PeftModel, seed: int = 1, scale: float = 0.1) -> None:
+    """Noise on the adapter's trainable leaves; frozen ones (VeRA's projections, AdaLoRA's ranknum) stay."""
+    import jax
+
+    adapter = model.adapters["default"]
+    mask = model.trainable_mask()["adapters"]["default"]
+    leaves, treedef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [
+        x + scale * jax.random.normal(k, x.shape, x.dtype) if on else x
+        for x, k, on in zip(leaves, keys, jax.tree.leaves(mask), strict=True)
+    ]
+    params = model.params
+    params["adapters"]["default"] = jax.tree.unflatten(treedef, leaves)
+    model.params = params
+
+
 def perturb_jpeft_adapter(
     peft_model: jpeft.PeftModel, adapter: str = "default", seed: int = 1, scale: float = 0.1
 ):

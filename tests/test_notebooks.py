@@ -120,3 +120,15 @@ def test_export_to_torch_notebook_runs(tmp_path, kernel_env):
     assert merged, out
     assert float(merged.group(1)) <= 1e-5
     assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "llama-merged"))
+
+
+@pytest.mark.slow
+def test_nnx_notebook_runs(tmp_path, kernel_env):
+    nb = _execute("nnx.ipynb", tmp_path, kernel_env)
+    out = _stdout(nb)
+    losses = [float(x) for x in re.findall(r"loss after 20 steps ([0-9.]+)", out)]
+    assert len(losses) == 2 and abs(losses[0] - losses[1]) <= 1e-3, out  # both styles train the same
+    assert float(re.search(r"max \|difference\|: (\S+)", out).group(1)) <= 1e-4, out
+    assert "reloaded == trained: True" in out, out
+    assert "'base_model.model.layers.0.q_proj.lora_A.weight'" in out, out
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "out" / "nnx-module"))

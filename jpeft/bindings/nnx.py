@@ -102,9 +102,11 @@ def _hooked_call(self: Any, *args: Any, **kwargs: Any) -> Any:
         return out
     spec: LayerSpec = self.jpeft_spec
     x = args[0] if args else next(iter(kwargs.values()))
-    n_out = len(spec.out_axes)
-    flat_out = _flatten_trailing(out, n_out)
-    flat_x = x if spec.kind == "embedding" else _flatten_trailing(x, len(spec.in_axes))
+    flat_out = _flatten_trailing(out, len(spec.out_axes))
+    if spec.kind == "conv":  # channels last already: (N, *spatial, C)
+        flat_x, flat_out = x, out
+    else:
+        flat_x = x if spec.kind == "embedding" else _flatten_trailing(x, len(spec.in_axes))
     if self.jpeft_carry is None:
         result = hook(self.jpeft_name, flat_x, flat_out)
     else:
@@ -197,7 +199,7 @@ class NNXBinding:
         lead = 1 if owner in self._stacks else 0
         one = shape[lead:]
         if leaf == spec.weight:
-            if spec.identity:
+            if spec.identity or spec.kind == "conv":
                 return None
             return _View(lead, spec.perm, one, spec.features(one))
         if leaf == spec.bias and len(one) > 1:
@@ -266,7 +268,7 @@ class NNXBinding:
                     ".".join(map(str, nnx_path)), name
                 ),
             )
-        in_f, out_f = own_shapes[spec.weight]
+        in_f, out_f = spec.features(own_shapes[spec.weight]) if spec.kind == "conv" else own_shapes[spec.weight]
         return ModuleInfo(
             name=name,
             path=path,
@@ -277,6 +279,7 @@ class NNXBinding:
             out_features=int(out_f),
             weight_name=spec.weight,
             param_shapes={("bias" if k == spec.bias else k): v for k, v in own_shapes.items()},
+            conv=spec.conv,
         )
 
     # ---------------------------------------------------------------- running it
@@ -288,7 +291,13 @@ class NNXBinding:
             node: Any = params
             for key in leaf.path:
                 node = node[key]
-            if decode and is_quantized(node):
+            if is_quantized(node) and (decode or leaf.view is not None):
+                if not decode:
+                    raise ConfigError(
+                        f"{'.'.join(leaf.path)} is quantized, but its layer holds a multi-axis weight that an "
+                        "nnx.Param cannot keep 4-bit; quantize only nnx.Linear kernels (skip_modules=[...] of "
+                        "quantize_model names the others)."
+                    )
                 node = node.dequantize()
             flat.append((leaf.nnx_path, nnx.Param(leaf.view.from_view(node) if leaf.view is not None else node)))
         return nnx.State.from_flat_path(flat)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from flax import nnx
 
+from jpeft.core.modules import Conv
 from jpeft.errors import ConfigError
 
 
@@ -28,7 +29,8 @@ class LayerSpec:
     """How one layer's weight maps to torch's layout.
 
     Attributes:
-      kind: ``"linear"`` (``y = x W + b``) or ``"embedding"`` (a row lookup by token id).
+      kind: ``"linear"`` (``y = x W + b``), ``"embedding"`` (a row lookup by token id) or
+        ``"conv"`` (built in for ``nnx.Conv``; its window is read from the layer).
       weight: the attribute holding the weight (``kernel``, ``embedding``).
       in_axes: the weight's axes that are torch's ``in_features``, in the order the input
         holds them as its trailing axes (embedding: the vocabulary axis).
@@ -36,18 +38,22 @@ class LayerSpec:
         them as its trailing axes.
       bias: the attribute holding the bias (shape: the ``out_axes`` sizes), if any.
       torch_type: the torch layer a checkpoint calls it (``Linear``, ``Embedding``).
+      conv: a convolution's window (kind ``"conv"``; its weight is ``(*window, in, out)``).
     """
 
-    kind: Literal["linear", "embedding"]
+    kind: Literal["linear", "embedding", "conv"]
     weight: str
     in_axes: tuple[int, ...]
     out_axes: tuple[int, ...]
     bias: str | None = "bias"
     torch_type: str = "Linear"
+    conv: Conv | None = None
 
     @property
     def ndim(self) -> int:
-        return len(self.in_axes) + len(self.out_axes)
+        """The rank of one layer's weight (a conv's window axes come on top of in and out)."""
+        window = len(self.conv.kernel_size) if self.conv is not None else 0
+        return window + len(self.in_axes) + len(self.out_axes)
 
     @property
     def perm(self) -> tuple[int, ...]:
@@ -96,11 +102,7 @@ def spec_for(module: Any) -> LayerSpec | None:
 def refusal(name: str, module: Any) -> str:
     """The message for a target jpeft cannot adapt."""
     cls = type(module)
-    hint = (
-        " PEFT's Conv LoRA layout is not implemented for NNX yet."
-        if isinstance(module, (nnx.Conv, nnx.ConvTranspose))
-        else ""
-    )
+    hint = " (a transposed convolution has no PEFT layer)" if isinstance(module, nnx.ConvTranspose) else ""
     return (
         f"target module {name} is a {cls.__module__}.{cls.__qualname__}, which jpeft cannot adapt.{hint} jpeft "
         "adapts nnx.Linear, LinearGeneral, Einsum and Embed layers and registered classes. If this layer is a "
@@ -158,7 +160,31 @@ def _einsum(module: nnx.Einsum) -> LayerSpec:
     return LayerSpec("linear", "kernel", in_axes, out_axes)
 
 
+def _conv(module: nnx.Conv) -> LayerSpec:
+    """A channels-last convolution, kernel ``(*window, in, out)``: torch's ``Conv{1,2,3}d``."""
+    n = len(module.kernel_size)
+    one = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v or 1,) * n  # noqa: E731
+    name = f"nnx.Conv(kernel_size={module.kernel_size})"
+    if module.feature_group_count != 1 or set(one(module.kernel_dilation)) != {1} or set(one(module.input_dilation)) != {1}:
+        raise ConfigError(
+            f"{name} with groups or dilation: PEFT's conv LoRA ignores the base layer's dilation, so no adapter "
+            "can match it across frameworks; jpeft adapts plain convolutions only. Leave it out of target_modules."
+        )
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ConfigError(f"{name} with padding={padding!r}: jpeft adapts 'SAME', 'VALID' or explicit padding.")
+        pads: str | tuple[tuple[int, int], ...] = padding.upper()
+    elif isinstance(padding, int):
+        pads = ((padding, padding),) * n
+    else:
+        pads = tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in padding)
+    window = Conv(tuple(module.kernel_size), one(module.strides), pads)
+    return LayerSpec("conv", "kernel", (n,), (n + 1,), torch_type=f"Conv{n}d", conv=window)
+
+
 register_layer(nnx.Linear, LayerSpec("linear", "kernel", (0,), (1,)))
+register_layer(nnx.Conv, _conv)
 register_layer(nnx.LinearGeneral, _linear_general)
 register_layer(nnx.Einsum, _einsum)
 register_layer(nnx.Embed, LayerSpec("embedding", "embedding", (0,), (1,), bias=None, torch_type="Embedding"))

@@ -15,7 +15,22 @@ from typing import Literal
 
 from jpeft.core.tree import Path
 
-LayerKind = Literal["linear", "embedding", "other"]
+LayerKind = Literal["linear", "embedding", "conv", "other"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """A convolution's window, as the layer applies it (channels last: ``(N, *spatial, C)``).
+
+    Attributes:
+      kernel_size: the spatial window.
+      strides: per spatial axis.
+      padding: ``"SAME"``/``"VALID"`` or one ``(low, high)`` pair per spatial axis.
+    """
+
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...]
+    padding: str | tuple[tuple[int, int], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +61,8 @@ class ModuleInfo:
       name: dot-joined module name, e.g. ``model.layers.0.self_attn.q_proj``.
       path: the module's path in the parameter tree.
       kind: ``"linear"`` (a dense layer), ``"embedding"`` (a lookup table) or
-        ``"other"`` (anything else with parameters, e.g. a norm).
+        ``"conv"`` (a convolution, channels last) or ``"other"`` (anything else with
+        parameters, e.g. a norm).
       type_name: the module's class name (``Dense``, ``FlaxConv1D``, ``Embed``, ...).
       torch_type: the torch layer the weights correspond to (``Linear``, ``Conv1D``,
         ``Embedding``), used for PEFT conventions such as ``fan_in_fan_out``.
@@ -58,6 +74,7 @@ class ModuleInfo:
       param_shapes: shapes of the module's own leaves (not its children's); one layer's
         shapes for a stacked layer.
       stack: where the layer sits in a stacked module (``None``: not stacked).
+      conv: a convolution's window (kind ``"conv"``; its weight is ``(*kernel_size, in, out)``).
       refusal: for a module the binding cannot adapt, why, and what to do (the error raised
         when a config targets it); empty when no more is known than its kind.
     """
@@ -73,6 +90,7 @@ class ModuleInfo:
     kernel_transposed: bool = False
     param_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     stack: Stack | None = None
+    conv: Conv | None = None
     refusal: str = ""
 
     @property

@@ -54,20 +54,26 @@ class Trainer(NamedTuple):
     params: Callable[[TrainState], PyTree]
 
 
+def _logits(out: Any) -> jax.Array:
+    """A model output's logits: its ``.logits`` (transformers), or the output itself (an NNX/linen module
+    returning the logits array)."""
+    return out.logits if hasattr(out, "logits") else out
+
+
 def loss_for_task(task: str | TaskType | None, config: Any = None) -> LossFn:
     """The loss of ``(model outputs, batch)`` for a task type."""
     name = task.value if isinstance(task, TaskType) else (task or "CAUSAL_LM")
     name = name.upper()
     if name in ("CAUSAL_LM", "FEATURE_EXTRACTION"):
         return lambda out, batch: losses.causal_lm_loss(
-            out.logits, batch.get("labels", batch["input_ids"]), batch.get("attention_mask")
+            _logits(out), batch.get("labels", batch["input_ids"]), batch.get("attention_mask")
         )
     if name == "SEQ_2_SEQ_LM":
         return lambda out, batch: losses.seq2seq_lm_loss(
-            out.logits, batch["labels"], batch.get("decoder_attention_mask")
+            _logits(out), batch["labels"], batch.get("decoder_attention_mask")
         )
     if name in ("SEQ_CLS", "TOKEN_CLS"):
-        return lambda out, batch: losses.classification_loss(out.logits, batch["labels"])
+        return lambda out, batch: losses.classification_loss(_logits(out), batch["labels"])
     raise ValueError(f"no built-in loss for task {task!r}; pass `loss_fn(outputs, batch) -> (sum, count)`.")
 
 

@@ -39,7 +39,7 @@ from jpeft.core.modules import ModuleInfo
 from jpeft.core.targets import per_layer_ranks
 from jpeft.core.tree import PyTree, count_params, get_path, set_path
 from jpeft.errors import ConfigError
-from jpeft.tuners import base, lora_init, lowrank
+from jpeft.tuners import base, lora_conv, lora_init, lowrank
 
 # the configs live in lora_config (lora_init needs them too); both stay importable from here
 from jpeft.tuners.lora_config import LoftQConfig as LoftQConfig
@@ -77,7 +77,7 @@ def prepare(config: LoraConfig, binding: Any) -> LoraPlan:
     corrected for ``Conv1D`` targets; exactly the changes PEFT makes.
     """
     modules: Mapping[str, ModuleInfo] = binding.modules
-    config, targeted = base.resolve_targets(config, binding)
+    config, targeted = base.resolve_targets(config, binding, supported_kinds=("linear", "embedding", "conv"))
 
     conv1d = [modules[n].torch_type == "Conv1D" for n in targeted if modules[n].kind == "linear"]
     if any(conv1d) and not config.fan_in_fan_out:
@@ -99,6 +99,8 @@ def prepare(config: LoraConfig, binding: Any) -> LoraPlan:
     for index, name in enumerate(targeted):
         info = modules[name]
         r, alpha = ranks[name]
+        if info.kind == "conv":
+            lora_conv.check(info, config)
         if info.kind == "embedding" and config.lora_bias:
             raise ConfigError(
                 f"lora_bias=True is not supported for embedding layers ({name}); set lora_bias=False."
@@ -190,6 +192,14 @@ def layer_forward(
     params = adapter["lora"][info.name]
     lora_a, lora_b = params["lora_A"], params["lora_B"]
     s = layer.scaling
+    if info.kind == "conv":
+        xa = x.astype(lora_a.dtype)
+        if train and config.lora_dropout > 0.0:
+            xa = base.dropout(xa, config.lora_dropout, key, "lora_dropout")
+        result = lora_conv.contribution(info, xa, lora_a, lora_b) * s
+        if "lora_B_bias" in params:
+            result = result + params["lora_B_bias"] * s
+        return (out + result).astype(out.dtype)
     if info.kind == "embedding":
         delta = jnp.take(lora_a, x, axis=0) @ lora_b * s
         if config.use_dora:
@@ -245,6 +255,11 @@ def mixed_batch_forward(
       ids: ``(batch,)`` adapter id per example; ids of adapters not in ``layers`` add nothing.
     """
     del module_params, out
+    if layers[0][1].info.kind == "conv":
+        raise ValueError(
+            f"mixed batches (`adapter_names=`) are not supported on convolution {layers[0][1].info.name}; run one "
+            "adapter per call."
+        )
     count = max(i for i, *_ in layers) + 2  # ids 0..max, then the zero entry for -1 / absent adapters
     rank = max(layer.r for _, layer, _, _ in layers)
     first = layers[0][1].info
@@ -285,8 +300,8 @@ def mixed_batch_forward(
 
 
 def delta_weight(layer: LayerPlan, params: Mapping[str, jax.Array]) -> jax.Array:
-    """``s * A B`` laid out as the Flax weight (``kernel`` or ``embedding``)."""
-    delta = layer.scaling * (params["lora_A"] @ params["lora_B"])
+    """``s * A B`` laid out as the Flax weight (``kernel`` or ``embedding``; a conv's ``(*window, in, out)``)."""
+    delta = layer.scaling * (params["lora_A"] @ lora_conv.pointwise(params["lora_B"]))
     return delta.T if layer.info.kernel_transposed else delta
 
 
@@ -369,12 +384,9 @@ def key_entries(
                 base.KeyEntry(f"{name}.lora_embedding_B", "adapter", ("lora", name, "lora_B"), (1, 0))
             )
         else:
-            entries.append(
-                base.KeyEntry(f"{name}.lora_A.weight", "adapter", ("lora", name, "lora_A"), (1, 0))
-            )
-            entries.append(
-                base.KeyEntry(f"{name}.lora_B.weight", "adapter", ("lora", name, "lora_B"), (1, 0))
-            )
+            perm = lora_conv.torch_perm(lp["lora_A"].ndim) if layer.info.kind == "conv" else (1, 0)
+            entries.append(base.KeyEntry(f"{name}.lora_A.weight", "adapter", ("lora", name, "lora_A"), perm))
+            entries.append(base.KeyEntry(f"{name}.lora_B.weight", "adapter", ("lora", name, "lora_B"), perm))
             if "lora_B_bias" in lp:
                 entries.append(base.KeyEntry(f"{name}.lora_B.bias", "adapter", ("lora", name, "lora_B_bias")))
         if "lora_magnitude_vector" in lp:
@@ -434,6 +446,9 @@ def adapter_specs(plan: LoraPlan, adapter: Mapping[str, Any], base_specs: PyTree
 
     lora = {}
     for name, layer in plan.layers.items():
+        if layer.info.kind == "conv":  # small windowed factors: replicated
+            lora[name] = {leaf: PartitionSpec() for leaf in adapter["lora"][name]}
+            continue
         in_axis, out_axis = base.weight_axes(base_specs, layer.info)
         specs = {"lora_A": PartitionSpec(in_axis, None), "lora_B": PartitionSpec(None, out_axis)}
         for extra in ("lora_B_bias", "lora_magnitude_vector"):

@@ -38,6 +38,7 @@ from jpeft.core.modules import ModuleInfo
 from jpeft.errors import ConfigError
 from jpeft.quant.formats import is_quantized
 from jpeft.quant.loftq import loftq_init
+from jpeft.tuners import lora_conv
 from jpeft.tuners.lora_config import LoftQConfig, LoraConfig
 
 if TYPE_CHECKING:  # lora imports this module, so its plan type is only an annotation here
@@ -241,6 +242,11 @@ def init_layer(
     if info.kind == "embedding":
         lora_a, lora_b = init_embedding(layer, config, key)
         entry = {"lora_A": lora_a, "lora_B": lora_b}
+    elif info.kind == "conv":
+        lora_a, lora_b = lora_conv.init(info, layer.r, config.init_lora_weights, key)
+        entry = {"lora_A": lora_a, "lora_B": lora_b}
+        if config.lora_bias:
+            entry["lora_B_bias"] = init_lora_bias(layer, config, key)
     else:
         lora_a, lora_b, new_kernel = init_linear(layer, config, kernel, key)
         entry = {"lora_A": lora_a, "lora_B": lora_b}

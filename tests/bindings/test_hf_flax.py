@@ -64,21 +64,6 @@ def _jpeft_config(peft_type, kwargs: dict):
     return registry.registration(peft_type).config_class(task_type="CAUSAL_LM", **kwargs)
 
 
-def _perturb_trainable(model: jpeft.PeftModel, seed: int = 1, scale: float = 0.1) -> None:
-    """Noise on the adapter's trainable leaves; frozen ones (VeRA's projections, AdaLoRA's ranknum) stay."""
-    adapter = model.adapters["default"]
-    mask = model.trainable_mask()["adapters"]["default"]
-    leaves, treedef = jax.tree.flatten(adapter)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [
-        x + scale * jax.random.normal(k, x.shape, x.dtype) if trainable else x
-        for x, k, trainable in zip(leaves, keys, jax.tree.leaves(mask), strict=True)
-    ]
-    params = model.params
-    params["adapters"]["default"] = jax.tree.unflatten(treedef, leaves)
-    model.params = params
-
-
 # --------------------------------------------------------------------------- OPT, every layer method
 
 
@@ -120,7 +105,7 @@ def test_opt_parity_with_torch_peft(opt, opt_base_logits, peft_type, tmp_path, r
         warnings.simplefilter("ignore")
         model = jpeft.get_peft_model(opt.flax_model, _jpeft_config(peft_type, kwargs), key=jax.random.key(3))
     assert set(model.targeted_modules()) == set(torch_model.base_model.targeted_module_names)
-    _perturb_trainable(model)
+    parity.perturb_trainable(model)
     mine = parity.jax_logits(model, inputs)
     assert parity.max_diff(mine, opt_base_logits) > 1e-3, "the jpeft adapter must change the output"
     with warnings.catch_warnings():
@@ -136,7 +121,7 @@ def opt_lora(opt):
     """LoRA without adapter dropout: any train/eval difference is OPT's own dropout."""
     config = jpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     model = jpeft.get_peft_model(opt.flax_model, config, key=jax.random.key(0))
-    _perturb_trainable(model)
+    parity.perturb_trainable(model)
     return model
 
 

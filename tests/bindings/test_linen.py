@@ -201,7 +201,7 @@ def _unsupported(custom_lm):
 def test_bind_refuses_unsupported_input(custom_lm, what):
     given = _unsupported(custom_lm)[what]
     message = (
-        rf"jpeft cannot adapt a {type(given).__name__}: pass a transformers Flax model .*"
+        rf"jpeft cannot adapt a {type(given).__name__}: pass a Flax NNX module .*a transformers Flax model .*"
         r"a `\(linen_module, params\)` pair, or `.*LinenBinding\(module, params, example_args=\.\.\.\)`"
     )
     with pytest.raises(TypeError, match=message):

@@ -24,7 +24,7 @@ import jpeft
 from jpeft.errors import CheckpointError, NoMatchingModuleError
 from tests import nnx_twins as tw
 from tests import parity
-from tests.bindings.test_nnx import CFG, perturb_trainable
+from tests.bindings.test_nnx import CFG
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,9 @@ def _loss(logits: jax.Array, ids: jax.Array) -> jax.Array:
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
 
 
-@pytest.mark.parametrize("flavour", ["tiny", "scanned"])
-def test_nnx_optimizer_matches_functional_path(request, flavour, tmp_path):
-    model = request.getfixturevalue(flavour)
+def test_nnx_optimizer_matches_functional_path(scanned, tmp_path):
+    """On the scanned model: the adapters travel through the model's own nnx.scan in both styles."""
+    model = scanned
     ids = jnp.asarray(tw.tiny_inputs(CFG))
     tx = optax.adam(1e-2)
     steps = 3
@@ -133,7 +133,7 @@ def test_regex_and_exclude(scanned):
     assert set(peft_model.targeted_modules()) == {
         "layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj", "layers.1.self_attn.k_proj"
     }
-    perturb_trainable(peft_model)
+    parity.perturb_trainable(peft_model)
     ids = tw.tiny_inputs(CFG)
     assert parity.max_diff(peft_model(ids), scanned(ids)) > 1e-3
 
@@ -200,12 +200,14 @@ def test_bad_input():
     with pytest.raises(NoMatchingModuleError, match=r"(?s)not found.*proj \(Linear 6->5\)"):
         jpeft.get_peft_model(model, jpeft.LoraConfig(target_modules=["nope"]))
 
-    class WithConv(nnx.Module):
+    class WithNorm(nnx.Module):
         def __init__(self, rngs):
-            self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+            self.up = nnx.ConvTranspose(3, 4, (3, 3), rngs=rngs)
+            self.norm = nnx.LayerNorm(4, rngs=rngs)
 
-    with pytest.raises(NoMatchingModuleError, match=r"conv is a flax.nnx.*Conv.*register_nnx_layer"):
-        jpeft.get_peft_model(WithConv(nnx.Rngs(0)), jpeft.LoraConfig(target_modules=["conv"]))
+    for target, cls in (("up", "ConvTranspose"), ("norm", "LayerNorm")):
+        with pytest.raises(NoMatchingModuleError, match=rf"{target} is a flax.nnx.*{cls}.*register_nnx_layer"):
+            jpeft.get_peft_model(WithNorm(nnx.Rngs(0)), jpeft.LoraConfig(target_modules=[target]))
     with pytest.raises(Exception, match="prompt learning needs a transformers Flax model"):
         jpeft.get_peft_model(model, jpeft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
 
@@ -257,3 +259,20 @@ def test_qlora_on_an_nnx_base(tiny):
     trainable, frozen = peft_model.split_params()
     grads = jax.grad(lambda t: _loss(peft_model.apply(t, ids, frozen=frozen), jnp.asarray(ids)))(trainable)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_make_train_step_and_remat(tiny):
+    """jpeft's train step on an NNX model returning bare logits; rematerialised blocks give the same losses."""
+    model = tiny
+    ids = jnp.asarray(tw.tiny_inputs(CFG))
+    losses = []
+    for remat in (False, True):
+        peft_model = jpeft.get_peft_model(model, jpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        if remat:
+            peft_model.enable_gradient_checkpointing()
+        trainer = jpeft.train.make_train_step(peft_model, optax.adam(1e-2))
+        state = trainer.init(jax.random.key(0))
+        for _ in range(2):
+            state, metrics = trainer.step(state, trainer.frozen(), {"input_ids": ids})
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses[0]) and abs(losses[0] - losses[1]) <= 1e-5, losses

@@ -14,11 +14,9 @@ from tests import nnx_twins as tw
 ATOL = 1e-5
 
 CASES = {
-    "tiny-rms": (tw.NNXTinyLM, tw.TwinConfig(norm="rms")),
     "tiny-layer": (tw.NNXTinyLM, tw.TwinConfig(norm="layer")),
-    "scanned": (tw.NNXScannedLM, tw.TwinConfig(norm="rms")),
+    "scanned-rms": (tw.NNXScannedLM, tw.TwinConfig(norm="rms")),
     "general-bias": (tw.NNXGeneralLM, tw.TwinConfig(norm="rms", up_bias=True)),
-    "general-nobias": (tw.NNXGeneralLM, tw.TwinConfig(norm="layer", up_bias=False)),
 }
 
 

@@ -120,7 +120,8 @@ def test_quantized_flax_model_equals_bitsandbytes_on_the_torch_model(tiny, arch)
 
 
 @pytest.mark.xfail(
-    strict=True, reason="bitsandbytes 0.50.2 CPU dequantize_4bit mis-decodes rows narrower than a block"
+    # not strict: the mis-decode depends on the C kernel's threading, and was seen to pass under load
+    strict=False, reason="bitsandbytes 0.50.2 CPU dequantize_4bit mis-decodes rows narrower than a block"
 )
 def test_bitsandbytes_cpu_dequantize_of_narrow_rows():
     x = torch.from_numpy(normal((32, 32), seed=11))
