@@ -102,11 +102,13 @@ class PeftModel(AdapterModel):
             params = combine(params, frozen)
         if adapter_names is not None:
             call = self._mixed_batch_call(params, adapter_names, train)
-            return self._binding.run(call.params, call.hook, call.names, args, kwargs, train=False, dropout_rng=None)
-        call = self._call(params, active_adapters, train, dropout_rng)
+            train, dropout_rng = False, None
+        else:
+            call = self._call(params, active_adapters, train, dropout_rng)
+            dropout_rng = call.dropout_rng
         stacked = {"carry": call.carry} if call.carry else {}  # only bindings with stacked modules take it
         return self._binding.run(
-            call.params, call.hook, call.names, args, kwargs, train=train, dropout_rng=call.dropout_rng, **stacked
+            call.params, call.hook, call.names, args, kwargs, train=train, dropout_rng=dropout_rng, **stacked
         )
 
     def _call(

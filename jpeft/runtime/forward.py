@@ -102,7 +102,7 @@ def stacked_layers(plan: Plan) -> dict[str, StackedLayers]:
     return out
 
 
-def _stacked_params(method: Any, adapter: Mapping[str, Any], stacked: StackedLayers) -> PyTree:
+def stacked_params(method: Any, adapter: Mapping[str, Any], stacked: StackedLayers) -> PyTree:
     """Each row's own layer params, stacked (zeros for rows the adapter leaves alone)."""
     tree = adapter[method.layer_tree]
     ref = tree[stacked.ref.info.name]
@@ -137,8 +137,8 @@ def prepare(
     for name in active:
         for module, stacked in stacks[name].items():
             entry = carry.setdefault(module, {"position": jnp.arange(len(stacked.rows), dtype=jnp.int32)})
-            entry[name] = _stacked_params(methods[name], adapters[name], stacked)
-    names = frozenset(n for n in names if n not in _stacked_names(plans, active)) | frozenset(carry)
+            entry[name] = stacked_params(methods[name], adapters[name], stacked)
+    names = frozenset(n for n in names if n not in stacked_names(plans, active)) | frozenset(carry)
 
     def run_layer(name: str, layer: Any, adapter: Mapping[str, Any], weights: Any, x, out, key) -> jax.Array:
         forward = methods[name].layer_forward
@@ -158,33 +158,53 @@ def prepare(
 
     def stacked_hook(module: str, x: jax.Array, out: jax.Array, carried: Mapping[str, Any]) -> jax.Array:
         position = carried["position"]
-        if jnp.ndim(position) != 0:
-            raise ValueError(
-                f"the stacked module {module} was called with all its {jnp.shape(position)[0]} layers at once; "
-                "jpeft adapts a stack whose layers are called one at a time (nnx.scan over the stack)."
-            )
+        check_position(module, position)
         for name in active:
             stacked = stacks[name].get(module)
             if stacked is None:
                 continue
-            ref = stacked.ref
-            method = methods[name]
-            view = {**adapters[name], method.layer_tree: {ref.info.name: carried[name]}}
-            stack_path = tuple(key for key in ref.info.path if not isinstance(key, Row))
-            weights = jax.tree.map(lambda leaf: leaf[position], flax_meta.unbox(get_path(effective, stack_path)))
+            ref, view, weights = stack_slice(methods[name], adapters[name], stacked, carried[name], effective, position)
             key = layer_key(adapter_rng, name, ref.index)
             key = None if key is None else jax.random.fold_in(key, position)
             new = run_layer(name, ref, view, weights, x, out, key)
-            if any(row is None for row in stacked.rows):
-                chosen = jnp.asarray([row is not None for row in stacked.rows])[position]
-                new = jnp.where(chosen, new, out)
-            out = new
+            chosen = chosen_row(stacked, position)
+            out = new if chosen is None else jnp.where(chosen, new, out)
         return out
 
     return Call(effective, hook, names, base_rng, carry)
 
 
-def _stacked_names(plans: Mapping[str, Plan], active: Sequence[str]) -> frozenset[str]:
+def stack_slice(
+    method: Any, adapter: Mapping[str, Any], stacked: StackedLayers, own: PyTree, effective: PyTree, position: Any
+) -> tuple[Any, dict[str, Any], Any]:
+    """``(layer plan, adapter view, layer weights)`` of one adapter at ``position`` (traced) of a stack.
+
+    ``own`` is the adapter's slice of the carry: the layer's own params, which the view puts where
+    the method reads them. The weights are the stacked base weights' row ``position``.
+    """
+    ref = stacked.ref
+    view = {**adapter, method.layer_tree: {ref.info.name: own}}
+    stack_path = tuple(key for key in ref.info.path if not isinstance(key, Row))
+    weights = jax.tree.map(lambda leaf: leaf[position], flax_meta.unbox(get_path(effective, stack_path)))
+    return ref, view, weights
+
+
+def chosen_row(stacked: StackedLayers, position: Any) -> jax.Array | None:
+    """Whether the adapter adapts row ``position`` of the stack (``None``: it adapts every row)."""
+    if all(row is not None for row in stacked.rows):
+        return None
+    return jnp.asarray([row is not None for row in stacked.rows])[position]
+
+
+def check_position(module: str, position: Any) -> None:
+    if jnp.ndim(position) != 0:
+        raise ValueError(
+            f"the stacked module {module} was called with all its {jnp.shape(position)[0]} layers at once; "
+            "jpeft adapts a stack whose layers are called one at a time (nnx.scan over the stack)."
+        )
+
+
+def stacked_names(plans: Mapping[str, Plan], active: Sequence[str]) -> frozenset[str]:
     """Per-layer names of stacked layers (the binding hooks their stack instead)."""
     return frozenset(
         layer.info.name for n in active for layer in plans[n].layers.values() if layer.info.stack is not None

@@ -19,7 +19,8 @@ from flax.core import meta as flax_meta
 from jpeft.core import registry
 from jpeft.core.method import Plan
 from jpeft.core.modules import ModuleInfo
-from jpeft.core.tree import get_path
+from jpeft.core.tree import Row, get_path
+from jpeft.runtime import forward
 from jpeft.runtime.forward import Call
 
 BASE_ADAPTER_NAME = "__base__"
@@ -113,14 +114,6 @@ def prepare(
     ``order`` are the adapters a mixed batch may name, in id order; check them first with
     :func:`check_adapters`.
     """
-    stacked = sorted(
-        {layer.info.stack.name for n in order for layer in plans[n].layers.values() if layer.info.stack is not None}
-    )
-    if stacked:
-        raise ValueError(
-            f"mixed batches (`adapter_names=`) are not supported on stacked (scanned) modules ({', '.join(stacked)}): "
-            "run one adapter per call, or unroll the stack."
-        )
     ids = jnp.asarray(ids, jnp.int32)
     if ids.ndim != 1:
         raise ValueError(f"`adapter_names` must give one adapter per example, got shape {ids.shape}.")
@@ -132,8 +125,55 @@ def prepare(
         for module, subtree in adapters[name].get("modules_to_save", {}).items():
             copies.setdefault(module, []).append((i, subtree))
     names: frozenset[str] = frozenset().union(*(plans[n].hooked for n in order), copies)
+    # stacked (scanned) modules: each adapter's per-layer params travel with the stack (runtime.forward)
+    methods = {n: registry.method_for(plans[n].config.peft_type) for n in order}
+    stacks = {n: forward.stacked_layers(plans[n]) for n in order}
+    carry: dict[str, dict[str, Any]] = {}
+    for n in order:
+        for module, stacked in stacks[n].items():
+            entry = carry.setdefault(module, {"position": jnp.arange(len(stacked.rows), dtype=jnp.int32)})
+            entry[n] = forward.stacked_params(methods[n], adapters[n], stacked)
+    in_stacks = forward.stacked_names(plans, order)
+    stacked_copies = sorted(m for m in copies if any(isinstance(key, Row) for key in modules[m].path))
+    if stacked_copies:
+        raise ValueError(
+            f"modules_to_save copies inside a stacked module ({stacked_copies}) cannot serve a mixed batch; run "
+            "each adapter in its own call."
+        )
+    names = frozenset(n for n in names if n not in in_stacks) | frozenset(carry)
 
-    def hook(module: str, x: jax.Array, out: jax.Array) -> jax.Array:
+    def stacked_hook(module: str, x: jax.Array, out: jax.Array, carried: Mapping[str, Any]) -> jax.Array:
+        position = carried["position"]
+        forward.check_position(module, position)
+        per_example = _per_example(ids, out)
+        result = out
+        groups: dict[Any, list[tuple[int, str]]] = {}
+        for i, name in enumerate(order):
+            if module in stacks[name]:
+                groups.setdefault(plans[name].config.peft_type, []).append((i, name))
+        for group in groups.values():
+            method = methods[group[0][1]]
+            slices = {
+                n: forward.stack_slice(method, adapters[n], stacks[n][module], carried[n], effective, position)
+                for _, n in group
+            }
+            if method.mixed_batch_forward is not None:  # absent rows carry zero factors: they add nothing
+                layers = [(i, slices[n][0], plans[n].config, slices[n][1]) for i, n in group]
+                weights = slices[group[0][1]][2]
+                result = method.mixed_batch_forward(layers, weights, x, out, result, per_example)
+                continue
+            assert method.layer_forward is not None  # a layer method (checked above)
+            for i, n in group:
+                ref, view, weights = slices[n]
+                own = method.layer_forward(ref, plans[n].config, view, weights, x, out, train=False, key=None)
+                chosen = forward.chosen_row(stacks[n][module], position)
+                own = own if chosen is None else jnp.where(chosen, own, out)
+                result = _select(per_example, i, own, result)
+        return result
+
+    def hook(module: str, x: jax.Array, out: jax.Array, carried: Any = None) -> jax.Array:
+        if carried is not None:
+            return stacked_hook(module, x, out, carried)
         per_example = _per_example(ids, out)
         result = out
         for i, subtree in copies.get(module, ()):
@@ -167,4 +207,4 @@ def prepare(
                 result = _select(per_example, i, own, result)
         return result
 
-    return Call(effective, hook, names, None)
+    return Call(effective, hook, names, None, carry)

@@ -220,16 +220,27 @@ def test_adapter_of_another_shape_is_refused(tiny, tmp_path):
         jpeft.PeftModel.from_pretrained(wider, tmp_path / "a")
 
 
-def test_mixed_batch_and_refusal_on_a_stack(tiny, scanned):
-    ids = tw.tiny_inputs(CFG)
-    peft_model = jpeft.get_peft_model(tiny, jpeft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
-    peft_model.add_adapter("other", jpeft.LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
-    mixed = np.asarray(peft_model(ids, adapter_names=["default", "other"]))
-    parity.assert_close(mixed[:1], np.asarray(peft_model(ids, active_adapters=["default"]))[:1], "row 0: default")
-    parity.assert_close(mixed[1:], np.asarray(peft_model(ids, active_adapters=["other"]))[1:], "row 1: other")
-    stacked = jpeft.get_peft_model(scanned, jpeft.LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="stacked"):
-        stacked(ids, adapter_names=["default", "__base__"])
+@pytest.mark.parametrize("flavour", ["tiny", "scanned"])
+def test_mixed_batch(request, flavour):
+    """Each example with its own adapter equals that adapter alone; on the stack too, with a partial stack
+    (LoRA's batched path) and IA3 (selected per example)."""
+    ids = np.concatenate([tw.tiny_inputs(CFG)] * 2)[:3]
+    model = request.getfixturevalue(flavour)
+    peft_model = jpeft.get_peft_model(
+        model, jpeft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), mixed=True
+    )
+    peft_model.add_adapter("other", jpeft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers", init_lora_weights=False
+    ))
+    peft_model.add_adapter("ia3", jpeft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    params = peft_model.params
+    params["adapters"]["ia3"] = jax.tree.map(lambda v: v * 1.5, params["adapters"]["ia3"])
+    peft_model.params = params
+    mixed = np.asarray(peft_model(ids, adapter_names=["other", "ia3", "default"]))
+    for row, name in enumerate(["other", "ia3", "default"]):
+        alone = np.asarray(peft_model(ids, active_adapters=[name]))
+        parity.assert_close(mixed[row], alone[row], f"{flavour} row {row}: {name}")
+        assert parity.max_diff(alone[row], model(ids)[row]) > 1e-3
 
 
 def test_dropout_and_train_mode(tiny):
