@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 from flax import nnx
 
 from jpeft.core.tree import PyTree
@@ -75,7 +74,3 @@ class PeftModule(nnx.Module):
         self.peft_model.update_from_module(self)
         self.peft_model.save_pretrained(save_directory, **kwargs)
 
-
-def adapters_of(module: PeftModule) -> dict[str, PyTree]:
-    """The adapter trees of ``module`` as plain arrays."""
-    return jax.tree.map(lambda x: x, nnx.to_pure_dict(nnx.state(module.adapters)))

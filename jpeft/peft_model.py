@@ -32,6 +32,7 @@ from jpeft.core.method import KeyEntry, Kind
 from jpeft.core.modules import ModuleInfo
 from jpeft.core.tree import PyTree, combine
 from jpeft.interop import checkpoint, hub, peft_format
+from jpeft.quant.formats import is_quantized
 from jpeft.quant.params import dequantize_params
 from jpeft.runtime import forward, merging, mixed_batch
 
@@ -208,8 +209,7 @@ class PeftModel(AdapterModel):
                 f"module() gives an nnx.Module, but this PeftModel wraps a {self._binding.class_name}, not an "
                 "nnx.Module: train it with `apply`/`jpeft.make_train_step` instead."
             )
-        quantized = lambda leaf: hasattr(leaf, "dequantize")  # noqa: E731
-        if any(quantized(leaf) for leaf in jax.tree.leaves(self.base_params, is_leaf=quantized)):
+        if any(is_quantized(leaf) for leaf in jax.tree.leaves(self.base_params, is_leaf=is_quantized)):
             raise ValueError(
                 "module() would decode this quantized base into full precision; train a quantized NNX base "
                 "with `apply`/`jpeft.make_train_step`, which decode one layer at a time."

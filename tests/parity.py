@@ -110,16 +110,32 @@ def torch_peft_save(pair, lora_kwargs: dict, folder: Path, seed: int = 1) -> np.
     return torch_logits(model, pair.inputs())
 
 
-def torch_peft_load(pair, folder: Path, **kwargs) -> Any:
-    """Loads ``folder`` with ``peft.PeftModel.from_pretrained``; fails on PEFT's missing-keys warning."""
+def peft_from_pretrained(torch_model: Any, folder: Path, **kwargs) -> Any:
+    """``peft.PeftModel.from_pretrained(torch_model, folder)`` in eval mode; fails on PEFT's missing-keys warning."""
     import peft
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = peft.PeftModel.from_pretrained(pair.torch_model(), folder, **kwargs)
+        model = peft.PeftModel.from_pretrained(torch_model, folder, **kwargs)
     problems = [str(w.message) for w in caught if "missing adapter keys" in str(w.message).lower()]
     assert not problems, problems
     return model.eval()
+
+
+def torch_peft_load(pair, folder: Path, **kwargs) -> Any:
+    """Loads ``folder`` on a fresh torch copy of ``pair``'s base (:func:`peft_from_pretrained`)."""
+    return peft_from_pretrained(pair.torch_model(), folder, **kwargs)
+
+
+def method_configs(peft_type: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """``(torch PEFT config, jpeft config)`` of one method from the same keyword arguments."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from jpeft.core import registry
+
+    peft_type = jpeft.PeftType(peft_type)
+    jpeft_class = registry.registration(peft_type).config_class
+    return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type.value](**kwargs), jpeft_class(**kwargs)
 
 
 # --------------------------------------------------------------------------- checkpoint format

@@ -102,11 +102,11 @@ def _hooked_call(self: Any, *args: Any, **kwargs: Any) -> Any:
         return out
     spec: LayerSpec = self.jpeft_spec
     x = args[0] if args else next(iter(kwargs.values()))
-    flat_out = _flatten_trailing(out, len(spec.out_axes))
     if spec.kind == "conv":  # channels last already: (N, *spatial, C)
         flat_x, flat_out = x, out
     else:
         flat_x = x if spec.kind == "embedding" else _flatten_trailing(x, len(spec.in_axes))
+        flat_out = _flatten_trailing(out, len(spec.out_axes))
     if self.jpeft_carry is None:
         result = hook(self.jpeft_name, flat_x, flat_out)
     else:
@@ -165,6 +165,7 @@ class NNXBinding:
         shapes = {tuple(p): tuple(np.shape(v.get_value())) for p, v in flat}
         self._stacks = _find_stacks(specs, shapes)
         self._specs = specs
+        self._layer_paths = {".".join(map(str, path)): path for path in specs}  # hook name -> graph path
         self._leaves: list[_Leaf] = []
         self.params: PyTree = {}
         for nnx_path, var in flat:
@@ -199,7 +200,7 @@ class NNXBinding:
         lead = 1 if owner in self._stacks else 0
         one = shape[lead:]
         if leaf == spec.weight:
-            if spec.identity or spec.kind == "conv":
+            if spec.identity:
                 return None
             return _View(lead, spec.perm, one, spec.features(one))
         if leaf == spec.bias and len(one) > 1:
@@ -354,7 +355,7 @@ class NNXBinding:
             return model(*args, **kwargs)
 
     def _install(self, model: nnx.Module, name: str, carried: PyTree | None) -> None:
-        nnx_path = self._nnx_paths().get(name)
+        nnx_path = self._layer_paths.get(name)
         if nnx_path is None:
             raise KeyError(f"{name} is not a module of {self.class_name}")
         layer = _find(model, nnx_path)
@@ -368,10 +369,6 @@ class NNXBinding:
         layer.jpeft_carry = treedef
         for i, leaf in enumerate(leaves):
             setattr(layer, f"jpeft_carry_{i}", Carried(leaf))
-
-    def _nnx_paths(self) -> dict[str, NNXPath]:
-        """Hook name -> the layer's path in the module graph."""
-        return {".".join(map(str, path)): path for path in self._specs}
 
     def generate(
         self, params: PyTree, hook: Hook | None, names: frozenset[str], args: tuple[Any, ...], kwargs: dict[str, Any]

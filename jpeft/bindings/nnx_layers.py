@@ -65,8 +65,9 @@ class LayerSpec:
 
     @property
     def identity(self) -> bool:
-        """Whether the weight already is ``(in, out)``: the view is the weight itself."""
-        return self.in_axes == (0,) and self.out_axes == (1,)
+        """Whether the weight already has the layout methods read, ``(in, out)`` (a conv's
+        ``(*window, in, out)``): the view is the weight itself."""
+        return self.kind == "conv" or (self.in_axes == (0,) and self.out_axes == (1,))
 
 
 SpecFn = Callable[[Any], LayerSpec]

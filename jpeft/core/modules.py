@@ -94,11 +94,6 @@ class ModuleInfo:
     refusal: str = ""
 
     @property
-    def hook_name(self) -> str:
-        """The name the binding hands to the layer hook: the stacked module's for a stacked layer."""
-        return self.stack.name if self.stack is not None else self.name
-
-    @property
     def has_bias(self) -> bool:
         return "bias" in self.param_shapes
 

@@ -110,6 +110,20 @@ def stacked_params(method: Any, adapter: Mapping[str, Any], stacked: StackedLaye
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *rows)
 
 
+def stack_carry(
+    plans: Mapping[str, Plan], methods: Mapping[str, Any], adapters: Mapping[str, Any], names: Sequence[str]
+) -> tuple[dict[str, dict[str, StackedLayers]], dict[str, dict[str, Any]]]:
+    """Each adapter's stacked layers (by stacked module), and the carry of a call: per stacked module,
+    the rows' positions and each adapter's per-layer params stacked (:func:`stacked_params`)."""
+    stacks = {name: stacked_layers(plans[name]) for name in names}
+    carry: dict[str, dict[str, Any]] = {}
+    for name in names:
+        for module, stacked in stacks[name].items():
+            entry = carry.setdefault(module, {"position": jnp.arange(len(stacked.rows), dtype=jnp.int32)})
+            entry[name] = stacked_params(methods[name], adapters[name], stacked)
+    return stacks, carry
+
+
 def prepare(
     plans: Mapping[str, Plan],
     params: Mapping[str, Any],
@@ -132,12 +146,7 @@ def prepare(
     for name in active:
         effective = methods[name].apply_overrides(effective, adapters[name], plans[name])
     names: frozenset[str] = frozenset().union(*(plans[n].hooked for n in active))
-    stacks = {name: stacked_layers(plans[name]) for name in active}
-    carry: dict[str, dict[str, Any]] = {}
-    for name in active:
-        for module, stacked in stacks[name].items():
-            entry = carry.setdefault(module, {"position": jnp.arange(len(stacked.rows), dtype=jnp.int32)})
-            entry[name] = stacked_params(methods[name], adapters[name], stacked)
+    stacks, carry = stack_carry(plans, methods, adapters, active)
     names = frozenset(n for n in names if n not in stacked_names(plans, active)) | frozenset(carry)
 
     def run_layer(name: str, layer: Any, adapter: Mapping[str, Any], weights: Any, x, out, key) -> jax.Array:

@@ -127,12 +127,7 @@ def prepare(
     names: frozenset[str] = frozenset().union(*(plans[n].hooked for n in order), copies)
     # stacked (scanned) modules: each adapter's per-layer params travel with the stack (runtime.forward)
     methods = {n: registry.method_for(plans[n].config.peft_type) for n in order}
-    stacks = {n: forward.stacked_layers(plans[n]) for n in order}
-    carry: dict[str, dict[str, Any]] = {}
-    for n in order:
-        for module, stacked in stacks[n].items():
-            entry = carry.setdefault(module, {"position": jnp.arange(len(stacked.rows), dtype=jnp.int32)})
-            entry[n] = forward.stacked_params(methods[n], adapters[n], stacked)
+    stacks, carry = forward.stack_carry(plans, methods, adapters, order)
     in_stacks = forward.stacked_names(plans, order)
     stacked_copies = sorted(m for m in copies if any(isinstance(key, Row) for key in modules[m].path))
     if stacked_copies:
@@ -182,8 +177,8 @@ def prepare(
         for i, name in enumerate(order):
             if module in plans[name].layers:
                 groups.setdefault(plans[name].config.peft_type, []).append((i, name))
-        for peft_type, group in groups.items():
-            method = registry.method_for(peft_type)
+        for group in groups.values():
+            method = methods[group[0][1]]
             weight_path = plans[group[0][1]].layers[module].info.path
             if method.mixed_batch_forward is not None:
                 layers = [(i, plans[n].layers[module], plans[n].config, adapters[n]) for i, n in group]

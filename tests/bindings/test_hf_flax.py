@@ -54,16 +54,6 @@ def opt_base_logits(opt):
     return parity.jax_logits(opt.flax_model, opt.inputs())
 
 
-def _torch_config(peft_type, kwargs: dict):
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type.value](task_type="CAUSAL_LM", **kwargs)
-
-
-def _jpeft_config(peft_type, kwargs: dict):
-    return registry.registration(peft_type).config_class(task_type="CAUSAL_LM", **kwargs)
-
-
 # --------------------------------------------------------------------------- OPT, every layer method
 
 
@@ -79,13 +69,14 @@ def test_opt_parity_with_torch_peft(opt, opt_base_logits, peft_type, tmp_path, r
     import torch
 
     kwargs = OPT_CONFIGS[peft_type.value]
+    torch_config, jpeft_config = parity.method_configs(peft_type, task_type="CAUSAL_LM", **kwargs)
     inputs = opt.inputs()
 
     # torch PEFT -> jpeft
     torch.manual_seed(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch_model = peft.get_peft_model(opt.torch_model(), _torch_config(peft_type, kwargs))
+        torch_model = peft.get_peft_model(opt.torch_model(), torch_config)
     parity.perturb_torch_trainable(torch_model)
     torch_model.eval()
     torch_model.save_pretrained(tmp_path / "from_torch")
@@ -103,7 +94,7 @@ def test_opt_parity_with_torch_peft(opt, opt_base_logits, peft_type, tmp_path, r
     # jpeft -> torch PEFT (PEFT's "missing adapter keys" warning fails the load)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = jpeft.get_peft_model(opt.flax_model, _jpeft_config(peft_type, kwargs), key=jax.random.key(3))
+        model = jpeft.get_peft_model(opt.flax_model, jpeft_config, key=jax.random.key(3))
     assert set(model.targeted_modules()) == set(torch_model.base_model.targeted_module_names)
     parity.perturb_trainable(model)
     mine = parity.jax_logits(model, inputs)

@@ -19,7 +19,6 @@ import pytest
 from flax import nnx
 
 import jpeft
-from jpeft.core import registry
 from tests import nnx_twins as tw
 from tests import parity
 
@@ -63,33 +62,11 @@ def models():
     return {name: cls(CFG, rngs=nnx.Rngs(0)) for name, cls in FLAVOURS.items()}
 
 
-def _torch_config(peft_type: str, kwargs: dict):
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type](**kwargs)
-
-
-def _jpeft_config(peft_type: str, kwargs: dict):
-    return registry.registration(jpeft.PeftType(peft_type)).config_class(**kwargs)
-
-
 def _torch_logits(model, ids) -> np.ndarray:
     import torch
 
     with torch.no_grad():
         return model(input_ids=torch.from_numpy(ids)).float().numpy()
-
-
-def torch_load(nnx_model, folder):
-    """``peft.PeftModel.from_pretrained`` on the torch twin; fails on PEFT's missing-keys warning."""
-    import peft
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = peft.PeftModel.from_pretrained(tw.torch_twin(nnx_model, CFG), folder)
-    problems = [str(w.message) for w in caught if "missing adapter keys" in str(w.message).lower()]
-    assert not problems, problems
-    return model.eval()
 
 
 @pytest.mark.parametrize("row,flavour", CASES, ids=[f"{r}-{f}" for r, f in CASES])
@@ -99,6 +76,7 @@ def test_parity_with_torch_peft(models, flavour, row, tmp_path, record_property)
 
     model = models[flavour]
     peft_type, kwargs = CONFIGS[row]
+    torch_config, jpeft_config = parity.method_configs(peft_type, **kwargs)
     ids = tw.tiny_inputs(CFG)
     base = np.asarray(model(ids))
 
@@ -106,7 +84,7 @@ def test_parity_with_torch_peft(models, flavour, row, tmp_path, record_property)
     torch.manual_seed(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch_model = peft.get_peft_model(tw.torch_twin(model, CFG), _torch_config(peft_type, kwargs))
+        torch_model = peft.get_peft_model(tw.torch_twin(model, CFG), torch_config)
     parity.perturb_torch_trainable(torch_model)
     torch_model.eval()
     torch_model.save_pretrained(tmp_path / "from_torch")
@@ -121,13 +99,13 @@ def test_parity_with_torch_peft(models, flavour, row, tmp_path, record_property)
     # jpeft -> torch PEFT
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mine_model = jpeft.get_peft_model(model, _jpeft_config(peft_type, kwargs), key=jax.random.key(3))
+        mine_model = jpeft.get_peft_model(model, jpeft_config, key=jax.random.key(3))
     assert set(mine_model.targeted_modules()) == set(torch_model.base_model.targeted_module_names)
     parity.perturb_trainable(mine_model)
     mine = np.asarray(mine_model(ids))
     assert parity.max_diff(mine, base) > 1e-3, "the jpeft adapter must change the output"
     mine_model.save_pretrained(tmp_path / "from_jpeft")
-    theirs = _torch_logits(torch_load(model, tmp_path / "from_jpeft"), ids)
+    theirs = _torch_logits(parity.peft_from_pretrained(tw.torch_twin(model, CFG), tmp_path / "from_jpeft"), ids)
     diff = parity.assert_close(theirs, mine, f"{row}/{flavour}: jpeft -> torch PEFT")
     record_property("jpeft_to_torch_max_abs_diff", diff)
 
