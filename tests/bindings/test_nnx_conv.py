@@ -77,12 +77,14 @@ def _torch_out(model) -> np.ndarray:
 
 # one row (each conv compiles anew on the CPU, so rows are costly): biased, rsLoRA, three convs and a Linear
 ROWS = {
-    "lora": dict(r=4, lora_alpha=8, lora_bias=True, use_rslora=True, target_modules=["conv1", "conv2", "conv3", "head"]),
+    "lora": dict(
+        r=4, lora_alpha=8, lora_bias=True, use_rslora=True, target_modules=["conv1", "conv2", "conv3", "head"]
+    ),
 }
 
 
 @pytest.mark.parametrize("row", list(ROWS))
-def test_conv_lora_parity_with_torch_peft(net, row, tmp_path):
+def test_conv_lora_parity_with_torch_peft(net, row, tmp_path, record_property):
     import peft
     import torch
 
@@ -97,7 +99,10 @@ def test_conv_lora_parity_with_torch_peft(net, row, tmp_path):
     want = _torch_out(torch_model.eval())
     assert parity.max_diff(want, base) > 1e-3
     loaded = jpeft.PeftModel.from_pretrained(net, tmp_path / "from_torch")
-    parity.assert_close(np.asarray(loaded(X)), want, f"{row}: torch PEFT -> jpeft")
+    record_property(
+        "torch_to_jpeft_max_abs_diff",
+        parity.assert_close(np.asarray(loaded(X)), want, f"{row}: torch PEFT -> jpeft"),
+    )
 
     mine_model = jpeft.get_peft_model(net, jpeft.LoraConfig(**kwargs))
     parity.perturb_trainable(mine_model)
@@ -105,7 +110,10 @@ def test_conv_lora_parity_with_torch_peft(net, row, tmp_path):
     assert parity.max_diff(mine, base) > 1e-3
     mine_model.save_pretrained(tmp_path / "from_jpeft")
     theirs_model = parity.peft_from_pretrained(torch_twin(net), tmp_path / "from_jpeft")
-    parity.assert_close(_torch_out(theirs_model), mine, f"{row}: jpeft -> torch PEFT")
+    record_property(
+        "jpeft_to_torch_max_abs_diff",
+        parity.assert_close(_torch_out(theirs_model), mine, f"{row}: jpeft -> torch PEFT"),
+    )
 
     merged = mine_model.merge_and_unload()
     parity.assert_close(np.asarray(merged(X)), mine, f"{row}: merged convolution")
