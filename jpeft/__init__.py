@@ -7,7 +7,10 @@ The public surface keeps PEFT's names::
     peft_model.save_pretrained("out")      # loads in torch with peft.PeftModel.from_pretrained
 """
 
-from jpeft import train  # noqa: F401  (jpeft.train.make_train_step, ...)
+from jpeft import (
+    models,  # noqa: F401  (jpeft.models.AutoModelForCausalLM, ...)
+    train,  # noqa: F401  (jpeft.train.make_train_step, ...)
+)
 from jpeft import tuners as _tuners  # noqa: F401  (registers the methods)
 from jpeft.bindings.linen import LinenBinding
 from jpeft.bindings.nnx import NNXBinding

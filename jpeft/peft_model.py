@@ -157,8 +157,10 @@ class PeftModel(AdapterModel):
     ) -> Any:
         """The base model's ``generate`` with the active adapters in place (unmerged).
 
-        Takes the arguments of transformers' Flax ``generate`` (``max_length``,
-        ``do_sample``, ``prng_key``, ``num_beams``, ...). ``params`` defaults to
+        Takes the arguments of the model's ``generate``: transformers' Flax ``generate``
+        (``max_length``, ``do_sample``, ``prng_key``, ``num_beams``, ...) or, for jpeft's own
+        families, :func:`jpeft.runtime.generation.generate`'s (``max_new_tokens``, ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``key``). ``params`` defaults to
         ``self.params``. ``adapter_names`` (one per example, ``"__base__"`` for none)
         generates a mixed batch, each example with its own adapter.
         """
@@ -167,7 +169,8 @@ class PeftModel(AdapterModel):
             call = self._mixed_batch_call(params, adapter_names, False)
         else:
             call = self._call(params, None, False, None)
-        return self._binding.generate(call.params, call.hook, call.names, args, kwargs)
+        stacked = {"carry": call.carry} if call.carry else {}  # only bindings with stacked modules take it
+        return self._binding.generate(call.params, call.hook, call.names, args, kwargs, **stacked)
 
     def enable_gradient_checkpointing(self) -> None:
         """Rematerialise each repeated block (``model.layers.N``, ...) in the backward pass: less memory, more compute.

@@ -125,6 +125,7 @@ class HFFlaxBinding:
         names: frozenset[str],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        carry: Mapping[str, PyTree] | None = None,
     ) -> Any:
         if not hasattr(self.model, "generate") or not self.model.can_generate():
             raise TypeError(f"{self.class_name} cannot generate (it has no language-modelling head).")

@@ -339,7 +339,13 @@ class LinenBinding:
             return self.module.apply({"params": params, **self.other_variables}, *args, rngs=rngs, **kwargs)
 
     def generate(
-        self, params: PyTree, hook: Hook | None, names: frozenset[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        params: PyTree,
+        hook: Hook | None,
+        names: frozenset[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        carry: Mapping[str, PyTree] | None = None,
     ) -> Any:
         raise TypeError(
             f"{self.class_name} has no `generate`: generation needs a transformers Flax model with a "

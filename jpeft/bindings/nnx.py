@@ -25,7 +25,7 @@ import math
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import numpy as np
@@ -115,6 +115,19 @@ def _hooked_call(self: Any, *args: Any, **kwargs: Any) -> Any:
     return result.reshape(out.shape)
 
 
+@runtime_checkable
+class FamilyModel(Protocol):
+    """What the binding reads of one of jpeft's own family models (:class:`jpeft.models.CausalLM`)."""
+
+    config: Any
+    name_or_path: str | None
+
+    @property
+    def torch_class_name(self) -> str: ...
+
+    def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> Any: ...
+
+
 _HOOKED: dict[type, type] = {}
 
 
@@ -186,6 +199,13 @@ class NNXBinding:
         self.torch_module_path: str | None = None
         self.output_embedding_names = frozenset(n for n in OUTPUT_EMBEDDING_NAMES if n in self.modules)
         self.tied_embedding_names: frozenset[str] = frozenset()
+        self.family = isinstance(model, FamilyModel)
+        if isinstance(model, FamilyModel):
+            self.name_or_path = model.name_or_path
+            self.torch_class_name, self.torch_module_path = model.torch_class_name, "transformers"
+            self.output_embedding_names = frozenset({"lm_head"})
+            if model.config.tie_word_embeddings:
+                self.tied_embedding_names = frozenset({"model.embed_tokens"})
         self.buffer_paths: frozenset[Path] = frozenset()
         self.head_output_is_logits = False
         self.remat = False
@@ -350,7 +370,7 @@ class NNXBinding:
         for name in names:
             self._install(model, name, (carry or {}).get(name))
         if self.remat:
-            _remat_blocks(model)
+            _remat_blocks(model, frozenset(root for root, _ in self._stacks.values()))
         with _hooks(hook):
             return model(*args, **kwargs)
 
@@ -371,15 +391,38 @@ class NNXBinding:
             setattr(layer, f"jpeft_carry_{i}", Carried(leaf))
 
     def generate(
-        self, params: PyTree, hook: Hook | None, names: frozenset[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        params: PyTree,
+        hook: Hook | None,
+        names: frozenset[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        carry: Mapping[str, PyTree] | None = None,
     ) -> Any:
-        raise TypeError(
-            f"{self.class_name} is an nnx.Module without a generation loop jpeft knows; call the module (or "
-            "`peft_model.apply`) step by step, or use one of jpeft's own model families."
-        )
+        """A family model's generation loop (:mod:`jpeft.runtime.generation`) with the hook in place."""
+        if not isinstance(self.model, FamilyModel):
+            raise TypeError(
+                f"{self.class_name} is an nnx.Module without a generation loop jpeft knows; call the module (or "
+                "`peft_model.apply`) step by step, or use one of jpeft's own model families (jpeft.models)."
+            )
+        from jpeft.runtime.generation import generate
+
+        model = self.model
+
+        def forward(ids: jax.Array, mask: jax.Array, pos: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+            out = self.run(
+                params, hook, names, (ids,), {"attention_mask": mask, "position_ids": pos, "cache": cache},
+                train=False, dropout_rng=None, carry=carry,
+            )
+            return out.logits, out.cache
+
+        kwargs = dict(kwargs)
+        kwargs.setdefault("eos_token_id", model.config.eos_token_id)
+        kwargs.setdefault("pad_token_id", model.config.pad_token_id)
+        return generate(forward, model.init_cache, *args, vocab_size=model.config.vocab_size, **kwargs)
 
     def enable_gradient_checkpointing(self) -> None:
-        """Rematerialises each repeated block (``layers.N`` of a list) in the backward pass."""
+        """Rematerialises each repeated block (``layers.N`` of a list, or a stacked block in its scan) in the backward pass."""
         self.remat = True
 
 
@@ -435,10 +478,11 @@ def _reseed(model: nnx.Module, key: jax.Array) -> None:
         nnx.reseed(model, **keys)
 
 
-def _remat_blocks(model: nnx.Module) -> None:
-    """Wraps each block of a list of blocks (``layers.0``, ``layers.1``, ...) in ``nnx.remat``."""
+def _remat_blocks(model: nnx.Module, stacks: frozenset[NNXPath] = frozenset()) -> None:
+    """Wraps each block of a list of blocks (``layers.0``, ``layers.1``, ...) and each stacked block in ``nnx.remat``."""
     for path, module in list(nnx.iter_modules(model)):
-        if path and isinstance(path[-1], int) and not isinstance(module, nnx.List):
+        block = path and isinstance(path[-1], int) and not isinstance(module, nnx.List)
+        if block or tuple(path) in stacks:
             module.__class__ = _remat_class(type(module))
 
 

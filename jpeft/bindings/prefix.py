@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jpeft.bindings import family_prompts
 from jpeft.bindings.linen import hooked
 from jpeft.core.architectures import PrefixStyle as Style
 from jpeft.core.architectures import architecture, prefix_supported
@@ -98,6 +99,15 @@ def injection_for(binding: Any, config: Any) -> PrefixInjection:
       config: a filled ``PrefixTuningConfig`` (``num_layers``, ``token_dim``, ... set).
     """
     class_name, model_type = binding.class_name, binding.model_type
+    if getattr(binding, "family", False):
+        layers, heads, head_dim = family_prompts.check_prefix(binding, config)
+        return PrefixInjection(
+            style="cache",
+            num_virtual_tokens=int(config.num_virtual_tokens),
+            num_heads=heads,
+            head_dim=head_dim,
+            groups=layer_groups(int(config.num_layers), int(config.num_transformer_submodules or 1), layers),
+        )
     row = architecture(model_type)
     arch = row.prefix if row is not None else None
     if arch is None or binding.config is None:
@@ -310,6 +320,10 @@ def run(
       The HF Flax output object (``FlaxSeq2SeqLMOutput`` for seq2seq).
     """
     prefixes = layer_prefixes(injection, prompts)
+    if getattr(binding, "family", False):
+        return family_prompts.prefix_run(
+            prefixes, binding, base_params, args, kwargs, train=train, dropout_rng=dropout_rng
+        )
     if injection.style == "seq2seq":
         return _run_seq2seq(injection, binding, base_params, prefixes, args, kwargs, train, dropout_rng)
     model = binding.model
@@ -431,6 +445,8 @@ def generate(
         raise TypeError(
             "prefix tuning on an encoder model has no `generate` (it has no language-modelling head)."
         )
+    if getattr(binding, "family", False):
+        return family_prompts.prefix_generate(layer_prefixes(injection, prompts), binding, base_params, args, kwargs)
     model = binding.model
     if not model.can_generate():
         raise TypeError(f"{binding.class_name} cannot generate (it has no language-modelling head).")

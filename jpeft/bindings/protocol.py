@@ -101,9 +101,18 @@ class Binding(Protocol):
         ...
 
     def generate(
-        self, params: PyTree, hook: Hook | None, names: frozenset[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        params: PyTree,
+        hook: Hook | None,
+        names: frozenset[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        carry: Mapping[str, PyTree] | None = None,
     ) -> Any:
-        """The model's own generation with the hook in place; ``TypeError`` if it cannot generate."""
+        """The model's own generation with the hook in place; ``TypeError`` if it cannot generate.
+
+        ``carry`` as for :meth:`run` (given only to bindings with stacked modules).
+        """
         ...
 
     def enable_gradient_checkpointing(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jpeft.bindings import family_prompts
 from jpeft.bindings.protocol import Binding
 from jpeft.config import TaskType
 
@@ -132,8 +133,13 @@ def run(
 ) -> Any:
     """The model's forward with the virtual tokens in front of the input (PEFT's prompt forward).
 
-    Causal LM logits cover ``num_virtual_tokens + seq`` positions, as PEFT's.
+    Causal LM logits cover ``num_virtual_tokens + seq`` positions, as PEFT's. jpeft's own
+    family models are reached through their inputs (:mod:`jpeft.bindings.family_prompts`).
     """
+    if getattr(binding, "family", False):
+        return family_prompts.virtual_tokens_run(
+            plan, binding, base_params, prompts, args, kwargs, train=train, dropout_rng=dropout_rng
+        )
     inputs = _extend_inputs(plan, _bound_inputs(binding.model.__call__, args, kwargs))
     if plan.config.task_type == TaskType.SEQ_2_SEQ_LM and inputs.get("decoder_input_ids") is None:
         raise ValueError(
@@ -158,6 +164,8 @@ def generate(
     Causal LMs: ``max_length`` counts the caller's ids (as in torch PEFT), and ``.sequences``
     are the caller's ids followed by the new tokens. Seq2seq: the decoder's sequences.
     """
+    if getattr(binding, "family", False):
+        return family_prompts.virtual_tokens_generate(plan, binding, base_params, prompts, args, kwargs)
     model = binding.model
     if not hasattr(model, "generate") or not model.can_generate():
         raise TypeError(f"{binding.class_name} cannot generate (it has no language-modelling head).")

@@ -2,7 +2,8 @@
 
 Keyed by ``config.model_type``. Each row says, for one architecture: the default
 ``target_modules`` of each method (PEFT's ``TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING``,
-peft 0.21.2, for the model types with Flax implementations in transformers 4.x), IA3's
+peft 0.21.2, for the model types with Flax implementations in transformers 4.x and jpeft's own
+families), IA3's
 feed-forward modules, whether its causal LM returns ``lm_head``'s output unchanged as the
 logits (read in transformers 4.57's ``modeling_flax_*.py``; lets the train step fuse the
 head with the loss), how prefix tuning reaches its attention, and whether its embedding
@@ -100,7 +101,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "mistral": _row(_QV, (("k_proj", "v_proj", "down_proj"), ("down_proj",)), (), head_output_is_logits=True),
     "gemma": _row(_QV, (("q_proj", "v_proj", "down_proj"), ("down_proj",)), head_output_is_logits=True),
-    "qwen2": _row(_QV),
+    "qwen2": _row(_QV, (("q_proj", "v_proj", "down_proj"), ("down_proj",))),
+    "qwen3": _row(_QV, (("q_proj", "v_proj", "down_proj"), ("down_proj",))),
     "bert": _row(("query", "value"), (("key", "value", "output.dense"), ("output.dense",)), prefix=_BERT_PREFIX),
     "roberta": _row(
         ("query", "value"), (("key", "value", "output.dense"), ("output.dense",)), ("query", "key", "value", "dense")

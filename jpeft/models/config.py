@@ -1,0 +1,289 @@
+"""A decoder family's ``config.json``, read into one static, checked description.
+
+:class:`DecoderConfig` holds everything the shared decoder (:mod:`jpeft.models.decoder`) needs,
+already resolved per family: defaults that differ between families (Qwen3's ``head_dim``,
+Mistral's sliding window), which projections carry biases, which layers slide, and the rotary
+setup of each attention type. A family file (``llama.py``, ``qwen3.py``, ...) is a reader from
+``config.json`` to this object; nothing downstream branches on the family.
+
+Fields that change the math are honoured or refused with an error naming the field, never
+dropped: see :func:`check_fields`. Both ``config.json`` layouts are read: transformers 4.x's
+``rope_theta``/``rope_scaling`` and 5.x's ``rope_parameters``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from jpeft.errors import ConfigError
+from jpeft.models.rope import Rope, rope_from_config
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+# Fields that never change the forward math (bookkeeping, generation defaults, tokens, init).
+NEUTRAL_FIELDS = frozenset(
+    {
+        "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+        "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "return_dict",
+        "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "tie_encoder_decoder",
+        "is_decoder", "is_encoder_decoder", "add_cross_attention", "tokenizer_class", "prefix", "sep_token_id",
+        "decoder_start_token_id", "task_specific_params", "problem_type", "id2label", "label2id", "num_labels",
+        "chunk_size_feed_forward", "pruned_heads", "finetuning_task", "cross_attention_hidden_size",
+        "pretraining_tp", "max_window_layers", "use_sliding_window", "layer_types", "sliding_window",
+        "rope_theta", "rope_scaling", "rope_parameters", "head_dim", "attention_bias", "mlp_bias",
+        "attention_dropout", "tie_word_embeddings", "vocab_size", "hidden_size", "intermediate_size",
+        "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_act", "rms_norm_eps",
+        "max_position_embeddings", "bad_words_ids", "begin_suppress_tokens", "diversity_penalty", "do_sample",
+        "early_stopping", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty",
+        "forced_bos_token_id", "forced_eos_token_id", "length_penalty", "max_length", "min_length",
+        "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences", "output_scores",
+        "remove_invalid_values", "repetition_penalty", "return_dict_in_generate", "suppress_tokens",
+        "temperature", "top_k", "top_p", "typical_p", "bos_token", "eos_token", "pad_token",
+        "tf_legacy_loss", "use_return_dict", "original_max_position_embeddings", "partial_rotary_factor",
+    }
+)
+# Fields that do change the math and jpeft does not implement: refused with the reason.
+REFUSED_FIELDS: Mapping[str, str] = {
+    "quantization_config": "pre-quantized checkpoints (GPTQ/AWQ/bitsandbytes files) are not read; load the "
+    "full-precision checkpoint and pass `quantization_config=jpeft.QuantizationConfig(...)` to quantize on read",
+    "use_bidirectional_attention": "bidirectional attention is not implemented; jpeft's models are causal",
+    "attn_logit_softcapping": "attention soft-capping belongs to Gemma 2, which this family does not have",
+    "final_logit_softcapping": "final logit soft-capping belongs to Gemma, which this family does not have",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """One decoder-only model, resolved from its ``config.json`` (static and hashable).
+
+    Attributes:
+      model_type: transformers' ``model_type`` (``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"``).
+      torch_class_name: the transformers torch class its checkpoints load into.
+      vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+      num_key_value_heads, head_dim: shapes (``head_dim`` resolved per family).
+      hidden_act: the MLP activation (transformers' name).
+      rms_norm_eps: epsilon of every RMSNorm (q/k norms included).
+      max_position_embeddings: positions the model was built for.
+      qkv_bias, o_bias, mlp_bias: which projections carry a bias.
+      qk_norm: per-head RMSNorm on queries and keys before RoPE (Qwen3).
+      tie_word_embeddings: ``lm_head`` shares ``embed_tokens``' weight.
+      layer_types: per layer, ``"full_attention"`` or ``"sliding_attention"``.
+      sliding_window: keys a sliding layer sees (itself included), or ``None``.
+      rope: the rotary setup of every layer.
+      pad_token_id, bos_token_id, eos_token_id: the special ids of ``config.json``.
+      initializer_range: std of the normal init of ``from_config``.
+      raw: ``config.json`` as read (written back by ``save_pretrained``).
+    """
+
+    model_type: str
+    torch_class_name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    hidden_act: str
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: Rope
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    initializer_range: float = 0.02
+    raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    # transformers-config-shaped reads, for code that reads any model's config (prompt learning)
+    is_encoder_decoder = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """``config.json`` as it is saved (the read dict, with this model's ``model_type``)."""
+        return {
+            **self.raw,
+            "model_type": self.model_type,
+            "head_dim": self.head_dim,
+            "num_key_value_heads": self.num_key_value_heads,
+        }
+
+    def sliding(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (``None``: full attention)."""
+        return self.sliding_window if self.layer_types[layer] == SLIDING else None
+
+
+# --------------------------------------------------------------------------- reading helpers
+
+
+def check_fields(raw: Mapping[str, Any], family: str, extra: frozenset[str] = frozenset()) -> None:
+    """Refuses fields jpeft does not implement; warns once about fields it does not know.
+
+    Raises:
+      ConfigError: a field of :data:`REFUSED_FIELDS` is set (names the field and why).
+    """
+    for name, why in REFUSED_FIELDS.items():
+        if raw.get(name) not in (None, False) and name not in extra:
+            raise ConfigError(f"config.json field `{name}` of this {family} model is not supported: {why}.")
+    if raw.get("attention_dropout"):
+        raise ConfigError(
+            f"config.json field `attention_dropout={raw['attention_dropout']}` is not supported: jpeft's {family} "
+            "attention has no dropout (every released checkpoint uses 0.0); set it to 0.0."
+        )
+    unknown = sorted(k for k in raw if k not in NEUTRAL_FIELDS and k not in extra and not k.startswith("_"))
+    if unknown:
+        warnings.warn(
+            f"config.json of this {family} model has fields jpeft does not read: {', '.join(unknown)}. jpeft "
+            "honours every field transformers' torch class uses for the math; these are ignored.",
+            stacklevel=3,
+        )
+
+
+def _int(raw: Mapping[str, Any], name: str, default: Any = None) -> int:
+    value = raw.get(name, default)
+    if value is None or isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"config.json field `{name}` must be a positive integer, got {value!r}.")
+    return value
+
+
+def rope_fields(raw: Mapping[str, Any], default_theta: float = 10000.0) -> tuple[float, Mapping[str, Any] | None]:
+    """``(rope_theta, rope_scaling)`` from either layout (4.x top-level fields, 5.x ``rope_parameters``)."""
+    params = raw.get("rope_parameters")
+    if params:
+        if not isinstance(params, Mapping) or "full_attention" in params:
+            raise ConfigError(
+                "config.json field `rope_parameters` must be one mapping {rope_type, rope_theta, ...} for this "
+                f"model, got {params!r}."
+            )
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        theta = params.get("rope_theta", raw.get("rope_theta", default_theta))
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        return float(theta), (None if kind == "default" and len(scaling) <= 1 else scaling)
+    return float(raw.get("rope_theta", default_theta)), raw.get("rope_scaling")
+
+
+def layer_types_of(raw: Mapping[str, Any], layers: int, window: int | None, first_sliding: int = 0) -> tuple[str, ...]:
+    """Per-layer attention types: ``layer_types`` when given, else layers from ``first_sliding`` slide."""
+    given = raw.get("layer_types")
+    if given is not None:
+        if len(given) != layers or any(t not in (FULL, SLIDING) for t in given):
+            raise ConfigError(
+                f"config.json field `layer_types` must list {layers} entries of {FULL!r}/{SLIDING!r}, got {given!r}."
+            )
+        return tuple(given)
+    return tuple(SLIDING if window is not None and i >= first_sliding else FULL for i in range(layers))
+
+
+def build(
+    raw: Mapping[str, Any],
+    *,
+    model_type: str,
+    torch_class_name: str,
+    head_dim_default: int | None,
+    qkv_bias: bool,
+    o_bias: bool,
+    mlp_bias: bool = False,
+    qk_norm: bool = False,
+    sliding_window: int | None = None,
+    first_sliding: int = 0,
+    defaults: Mapping[str, Any] | None = None,
+) -> DecoderConfig:
+    """The checked :class:`DecoderConfig` of one family's ``config.json`` (its defaults in ``defaults``)."""
+    raw = {**(defaults or {}), **raw}
+    heads = _int(raw, "num_attention_heads")
+    hidden = _int(raw, "hidden_size")
+    kv_heads = _int(raw, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ConfigError(
+            f"config.json: `num_attention_heads` ({heads}) must be a multiple of `num_key_value_heads` ({kv_heads})."
+        )
+    head_dim = raw.get("head_dim") or head_dim_default or hidden // heads
+    layers = _int(raw, "num_hidden_layers")
+    max_pos = _int(raw, "max_position_embeddings")
+    theta, scaling = rope_fields(raw)
+    rope = rope_from_config(
+        rope_theta=theta,
+        rope_scaling=scaling,
+        head_dim=int(head_dim),
+        max_position_embeddings=max_pos,
+        partial_rotary_factor=float(raw.get("partial_rotary_factor", 1.0)),
+        original_max_position_embeddings=raw.get("original_max_position_embeddings"),
+    )
+    act = raw.get("hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise ConfigError(
+            f"config.json field `hidden_act={act!r}` is not supported; supported: {', '.join(sorted(ACTIVATIONS))}."
+        )
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window <= 0):
+        raise ConfigError(f"config.json field `sliding_window` must be a positive integer or null, got {sliding_window!r}.")
+    eos = raw.get("eos_token_id")
+    return DecoderConfig(
+        model_type=model_type,
+        torch_class_name=torch_class_name,
+        vocab_size=_int(raw, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=_int(raw, "intermediate_size"),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=int(head_dim),
+        hidden_act=act,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=max_pos,
+        rope=rope,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        qk_norm=qk_norm,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        layer_types=layer_types_of(raw, layers, sliding_window, first_sliding),
+        sliding_window=sliding_window,
+        pad_token_id=raw.get("pad_token_id"),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        initializer_range=float(raw.get("initializer_range", 0.02)),
+        raw=dict(raw),
+    )
+
+
+def _gelu_tanh(x: Any) -> Any:
+    import jax
+
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu(x: Any) -> Any:
+    import jax
+
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _silu(x: Any) -> Any:
+    import jax
+
+    return jax.nn.silu(x)
+
+
+def _relu(x: Any) -> Any:
+    import jax
+
+    return jax.nn.relu(x)
+
+
+# transformers' ACT2FN names, as the MLP reads them
+ACTIVATIONS: Mapping[str, Callable[[Any], Any]] = {
+    "silu": _silu,
+    "swish": _silu,
+    "gelu": _gelu,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_new": _gelu_tanh,
+    "relu": _relu,
+}

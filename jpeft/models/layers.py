@@ -1,0 +1,179 @@
+"""The building blocks of jpeft's decoder families: RMSNorm, attention with a key/value cache, MLP.
+
+Each block holds its parameters under transformers' torch names (``q_proj``, ``weight``, ...),
+so the NNX binding lists them as PEFT does. Linear layers are ``nnx.Linear`` (kernel
+``(in, out)``; the torch weight is its transpose), embeddings ``nnx.Embed``.
+
+Attention runs through ``jax.nn.dot_product_attention`` (XLA here, cuDNN flash attention on
+GPUs where its conditions hold) with a boolean mask built once per call by
+:func:`attention_masks`: causal in cache-index space, padding on keys, and the sliding window
+``k > q - W`` (a query sees ``W`` keys, itself included), as transformers' masks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jpeft.models.config import ACTIVATIONS, DecoderConfig
+from jpeft.models.rope import apply_rotary
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer, filled up to ``index``.
+
+    Attributes:
+      keys, values: per layer ``(batch, capacity, kv_heads, head_dim)``: a tuple of arrays,
+        or one array with a leading layer axis for a model built with ``scan_layers``.
+      index: positions already filled (the next token's cache index); the same for every row
+        (prompts are left-padded).
+    """
+
+    keys: Any
+    values: Any
+    index: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        first = self.keys[0] if isinstance(self.keys, tuple) else self.keys[0]
+        return int(first.shape[1])
+
+
+@flax.struct.dataclass
+class CausalLMOutput:
+    """A causal LM's output: ``logits`` ``(batch, seq, vocab)`` and the updated ``cache`` (or ``None``)."""
+
+    logits: jax.Array
+    cache: KVCache | None = None
+
+
+class RMSNorm(nnx.Module):
+    """transformers' ``LlamaRMSNorm``: normalise in float32, cast back, then scale by ``weight``."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype: Any = jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+def _linear(cfg: DecoderConfig, fan_in: int, fan_out: int, bias: bool, rngs: nnx.Rngs, dtypes: tuple[Any, Any]) -> nnx.Linear:
+    dtype, param_dtype = dtypes
+    return nnx.Linear(
+        fan_in,
+        fan_out,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(cfg.initializer_range),
+        bias_init=nnx.initializers.zeros,
+        rngs=rngs,
+    )
+
+
+def attention_masks(
+    config: DecoderConfig, key_mask: jax.Array, index: jax.Array | int, length: int
+) -> tuple[jax.Array, jax.Array | None]:
+    """``(full, sliding)`` boolean masks ``(batch, 1, length, keys)`` for queries at ``index ...``.
+
+    Args:
+      config: the model (its sliding window, if any layer slides).
+      key_mask: ``(batch, keys)``: which cache slots (or positions, without a cache) hold real tokens.
+      index: the first query's cache index (0 without a cache).
+      length: number of queries.
+    """
+    keys = key_mask.shape[1]
+    q = jnp.asarray(index) + jnp.arange(length)[:, None]
+    k = jnp.arange(keys)[None, :]
+    full = (k <= q)[None] & key_mask[:, None, :].astype(bool)
+    sliding = None
+    if config.sliding_window is not None and any(config.sliding(i) for i in range(config.num_hidden_layers)):
+        sliding = full & (k > q - config.sliding_window)[None]
+    return full[:, None], (None if sliding is None else sliding[:, None])
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped key/value heads, optional q/k norms, RoPE and a cache."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, dtypes: tuple[Any, Any]):
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = _linear(cfg, h, self.num_heads * d, cfg.qkv_bias, rngs, dtypes)
+        self.k_proj = _linear(cfg, h, self.num_kv_heads * d, cfg.qkv_bias, rngs, dtypes)
+        self.v_proj = _linear(cfg, h, self.num_kv_heads * d, cfg.qkv_bias, rngs, dtypes)
+        self.o_proj = _linear(cfg, self.num_heads * d, h, cfg.o_bias, rngs, dtypes)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=dtypes[1])
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=dtypes[1])
+        self.qk_norm = cfg.qk_norm
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None,
+        index: jax.Array | int,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Attention output ``(batch, length, hidden)`` and the layer's updated ``(keys, values)`` cache."""
+        b, n, _ = x.shape
+        q = self.q_proj(x).reshape(b, n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:
+            start = (0, index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+            kv = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim**-0.5)
+        return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim)), kv
+
+
+class MLP(nnx.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, dtypes: tuple[Any, Any]):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(cfg, h, i, cfg.mlp_bias, rngs, dtypes)
+        self.up_proj = _linear(cfg, h, i, cfg.mlp_bias, rngs, dtypes)
+        self.down_proj = _linear(cfg, i, h, cfg.mlp_bias, rngs, dtypes)
+        self.act = cfg.hidden_act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """``h = x + attn(input_layernorm(x)); y = h + mlp(post_attention_layernorm(h))``."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, dtypes: tuple[Any, Any]):
+        self.self_attn = Attention(cfg, rngs=rngs, dtypes=dtypes)
+        self.mlp = MLP(cfg, rngs=rngs, dtypes=dtypes)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dtypes[1])
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dtypes[1])
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None,
+        index: jax.Array | int,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        h = x + attn
+        return h + self.mlp(self.post_attention_layernorm(h)), kv
