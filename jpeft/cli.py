@@ -1,8 +1,9 @@
 """The ``jpeft`` command (also ``python -m jpeft``): ``train``, ``export``, ``inspect``.
 
-``jpeft train`` with no arguments is the project's main job: a built-in tiny GPT-2 and a
-generated corpus, LoRA for a short run, then save, reload, generate, and (with torch
-installed) a check that torch PEFT loads the adapter and agrees.
+``jpeft train`` with no arguments is the project's main job: a built-in tiny Llama (jpeft's
+own family model, :mod:`jpeft.cli_models`) and a generated corpus, LoRA for a short run, then
+save, reload, generate, and (with torch installed) a check that torch PEFT loads the adapter
+on transformers' ``LlamaForCausalLM`` and agrees.
 """
 
 from __future__ import annotations
@@ -16,64 +17,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from jpeft.cli_models import (  # noqa: F401  (re-exported: the command's models)
+    BUILTIN,
+    BUILTIN_GPT2,
+    CliError,
+    is_family,
+    load_causal_lm,
+    sample,
+    save_merged,
+    torch_twin,
+)
 from jpeft.errors import JpeftError
-
-BUILTIN = "builtin"
-
-
-class CliError(JpeftError):
-    """A user error reported as one line."""
-
-
-# --------------------------------------------------------------------------- models
-
-
-def load_causal_lm(name: str, seed: int = 0, dtype: Any = None) -> tuple[Any, Any]:
-    """``(flax model, tokenizer)`` for ``builtin``, a local transformers folder, or a Hub id.
-
-    ``dtype`` is the model's compute dtype (transformers' Flax ``dtype``; params stay float32);
-    ``None`` is float32.
-    """
-    import jax.numpy as jnp
-
-    dtype = jnp.float32 if dtype is None else dtype
-    warnings.filterwarnings("ignore", message="TensorFlow and JAX classes are deprecated")
-    from transformers import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    if name == BUILTIN:
-        from transformers import FlaxGPT2LMHeadModel, GPT2Config
-
-        from jpeft.data import ByteTokenizer
-
-        config = GPT2Config(
-            n_embd=128,
-            n_layer=4,
-            n_head=4,
-            vocab_size=256,
-            n_positions=128,
-            bos_token_id=10,
-            initializer_range=0.1,
-            eos_token_id=10,
-        )
-        config._name_or_path = "jpeft-builtin-tiny-gpt2"
-        return FlaxGPT2LMHeadModel(config, seed=seed, dtype=dtype), ByteTokenizer()
-    from transformers import AutoTokenizer, FlaxAutoModelForCausalLM
-
-    path = Path(name)
-    if not path.exists() and (
-        name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1)
-    ):
-        raise CliError(
-            f"model folder {name!r} does not exist; pass a transformers folder, a Hub id, or 'builtin'."
-        )
-    from_pt = path.is_dir() and not (path / "flax_model.msgpack").exists()
-    try:
-        model = FlaxAutoModelForCausalLM.from_pretrained(name, from_pt=from_pt, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise CliError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
-    return model, tokenizer
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -113,6 +67,8 @@ def build_peft_config(args: argparse.Namespace) -> Any:
     }
     fields.update({k: v for k, v in flags.items() if v is not None})
     if fields.get("target_modules") is None and args.model == BUILTIN:
+        fields["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    elif fields.get("target_modules") is None and args.model == BUILTIN_GPT2:
         fields["target_modules"] = ["c_attn", "c_proj", "c_fc"]
     return config_from_dict(fields)
 
@@ -340,17 +296,7 @@ def _after_training(args, model, peft_model, tokenizer, adapter_dir: Path, eval_
     loaded = jpeft.PeftModel.from_pretrained(fresh, adapter_dir)
     print(f"reloaded adapter: max |logits diff| = {reload_diff:.2e}")
     prompt_ids = np.asarray([tokenizer.encode(args.prompt)], dtype=np.int32)
-    import jax
-
-    generated = loaded.generate(
-        prompt_ids,
-        attention_mask=np.ones_like(prompt_ids),
-        max_length=prompt_ids.shape[1] + args.new_tokens,
-        do_sample=True,
-        top_k=5,
-        prng_key=jax.random.key(args.seed),
-        pad_token_id=0,
-    ).sequences
+    generated = sample(fresh, loaded, prompt_ids, args.new_tokens, args.seed)
     print(f"sample: {args.prompt!r} -> {tokenizer.decode(np.asarray(generated[0, prompt_ids.shape[1] :]))!r}")
     try:
         _quiet_optional_backends()
@@ -359,9 +305,7 @@ def _after_training(args, model, peft_model, tokenizer, adapter_dir: Path, eval_
     except ImportError:
         print("torch/peft not installed: skipping the torch PEFT check")
         return 0
-    from jpeft.interop.torch_export import torch_model_from_flax
-
-    torch_model = peft.PeftModel.from_pretrained(torch_model_from_flax(fresh), adapter_dir).eval()
+    torch_model = peft.PeftModel.from_pretrained(torch_twin(fresh), adapter_dir).eval()
     with torch.no_grad():
         torch_logits = torch_model(torch.tensor(probe, dtype=torch.long)).logits.numpy()
     diff = float(np.abs(torch_logits - np.asarray(loaded(probe).logits)).max())
@@ -403,10 +347,8 @@ def export(args: argparse.Namespace) -> int:
     except ImportError:
         print("torch not installed: skipping the torch check")
         return 0
-    from jpeft.interop.torch_export import save_torch_checkpoint, torch_model_from_flax
-
     if args.merged:
-        save_torch_checkpoint(model, args.out, params=loaded.get_merged_params())
+        save_merged(model, loaded, args.out)
         from transformers import AutoModelForCausalLM
 
         torch_model = AutoModelForCausalLM.from_pretrained(args.out).eval()
@@ -415,7 +357,7 @@ def export(args: argparse.Namespace) -> int:
         _quiet_optional_backends()
         import peft
 
-        torch_model = peft.PeftModel.from_pretrained(torch_model_from_flax(model), args.out).eval()
+        torch_model = peft.PeftModel.from_pretrained(torch_twin(model), args.out).eval()
     with torch.no_grad():
         got = torch_model(torch.tensor(probe, dtype=torch.long)).logits.numpy()
     diff = float(np.abs(got - reference).max())
@@ -466,7 +408,13 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command")
 
     t = sub.add_parser("train", help="train an adapter (no arguments: the built-in demo)")
-    t.add_argument("--model", default=BUILTIN, help="transformers folder, Hub id, or 'builtin' (default)")
+    t.add_argument(
+        "--model",
+        default=BUILTIN,
+        help="transformers folder or Hub id (Llama/Mistral/Qwen2/Qwen3 load as jpeft's own models, other "
+        "architectures through transformers' Flax classes; offline: HF_HUB_OFFLINE=1), 'builtin' (default: "
+        "a tiny Llama) or 'builtin-gpt2'",
+    )
     t.add_argument(
         "--data", nargs="*", help="text/JSONL files or a saved `datasets` folder (default: built-in corpus)"
     )

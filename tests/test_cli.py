@@ -92,7 +92,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def torch_adapter(tmp_path_factory):
-    """A LoRA adapter saved by torch PEFT for a torch GPT-2 shaped like the built-in model.
+    """A LoRA adapter saved by torch PEFT for a torch GPT-2 shaped like the built-in GPT-2 (``builtin-gpt2``).
 
     Returns ``(folder, the trainable-parameters line torch PEFT prints for it)``.
     """
@@ -100,7 +100,7 @@ def torch_adapter(tmp_path_factory):
     import torch
     import transformers
 
-    config = cli.load_causal_lm(cli.BUILTIN)[0].config
+    config = cli.load_causal_lm(cli.BUILTIN_GPT2)[0].config
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's fan_in_fan_out notice for Conv1D
@@ -141,7 +141,9 @@ def test_train_builtin_short_run(trained):
     assert ADAPTER_FILES <= {p.name for p in adapter.iterdir()}
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
-    assert sorted(config["target_modules"]) == ["c_attn", "c_fc", "c_proj"]
+    assert sorted(config["target_modules"]) == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"
+    ]
     assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
     metrics = read_metrics(out)
     assert metrics[0] == {"step": 0, "eval_loss": pytest.approx(first_eval, abs=1e-4)}
@@ -263,7 +265,7 @@ def test_train_on_a_txt_file_with_a_json_config(tmp_path, capsys, monkeypatch):
     data.write_text("\n".join(lines[:75]) + "\n\n" + "\n".join(lines[75:]) + "\n")  # a blank line is skipped
     config = tmp_path / "lora.json"
     config.write_text(
-        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]})
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})
     )
     calls = _spy_on_load_texts(monkeypatch)
     out = tmp_path / "run"
@@ -276,12 +278,12 @@ def test_train_on_a_txt_file_with_a_json_config(tmp_path, capsys, monkeypatch):
     assert calls == [lines]
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and saved["task_type"] == "CAUSAL_LM"
-    assert (saved["r"], saved["lora_alpha"], saved["target_modules"]) == (4, 8, ["c_attn"])
-    # 4 blocks x c_attn (128 -> 384) at r=4: 4 * (4*128 + 384*4), as torch PEFT counts.
-    assert "trainable params: 8,192 ||" in stdout, stdout
+    assert (saved["r"], saved["lora_alpha"], saved["target_modules"]) == (4, 8, ["q_proj"])
+    # 4 blocks x q_proj (128 -> 128) at r=4: 4 * (4*128 + 128*4), as torch PEFT counts.
+    assert "trainable params: 4,096 ||" in stdout, stdout
     tensors = checkpoint.read_tensors(out / "adapter")
     assert len(tensors) == 8
-    assert tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (4, 128)
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 128)
 
 
 @pytest.mark.slow
@@ -307,7 +309,7 @@ def test_train_on_a_jsonl_file_with_a_yaml_config_and_flags(tmp_path, capsys, mo
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"id": i, "content": t}) + "\n" for i, t in enumerate(texts)))
     config = tmp_path / "lora.yaml"
-    config.write_text("peft_type: LORA\nr: 2\nlora_alpha: 4\nlora_dropout: 0.1\ntarget_modules:\n  - c_fc\n")
+    config.write_text("peft_type: LORA\nr: 2\nlora_alpha: 4\nlora_dropout: 0.1\ntarget_modules:\n  - up_proj\n")
     calls = _spy_on_load_texts(monkeypatch)
     out = tmp_path / "run"
     code = cli.main(
@@ -318,11 +320,11 @@ def test_train_on_a_jsonl_file_with_a_yaml_config_and_flags(tmp_path, capsys, mo
     assert code == 0, stdout
     assert calls == [texts]
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert saved["target_modules"] == ["c_fc"]
+    assert saved["target_modules"] == ["up_proj"]
     assert saved["r"] == 2 and saved["lora_dropout"] == 0.1
     assert saved["lora_alpha"] == 6  # the flag wins over the file
     tensors = checkpoint.read_tensors(out / "adapter")
-    assert tensors["base_model.model.transformer.h.0.mlp.c_fc.lora_B.weight"].shape == (512, 2)
+    assert tensors["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"].shape == (256, 2)
 
 
 def test_json_config_fields_and_flags_build_the_adapter_config(tmp_path):
@@ -349,13 +351,14 @@ def test_inspect_a_jpeft_adapter(trained, capsys):
     assert cli.main(["inspect", str(out / "adapter")]) == 0
     stdout = capsys.readouterr().out
     assert "method: LORA   task type: CAUSAL_LM" in stdout, stdout
-    assert 'target_modules: ["c_attn", "c_proj", "c_fc"]' in stdout, stdout
-    assert "tensors: 32, parameters in file: 65,536" in stdout, stdout
+    targets = '["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]'
+    assert f"target_modules: {targets}" in stdout, stdout
+    assert "tensors: 56, parameters in file: 65,536" in stdout, stdout
     assert re.search(
-        r"base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_A\.weight\s+\(8, 128\)\s+float32", stdout
+        r"base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight\s+\(8, 128\)\s+float32", stdout
     )
     assert re.search(
-        r"base_model\.model\.transformer\.h\.3\.mlp\.c_fc\.lora_B\.weight\s+\(512, 8\)\s+float32", stdout
+        r"base_model\.model\.model\.layers\.3\.mlp\.up_proj\.lora_B\.weight\s+\(256, 8\)\s+float32", stdout
     )
     assert "trainable params" not in stdout  # only with --base
 
@@ -366,12 +369,12 @@ def test_inspect_a_jpeft_adapter_with_the_builtin_base(trained, capsys):
     assert code == 0
     assert cli.main(["inspect", str(out / "adapter"), "--base", "builtin"]) == 0
     stdout = capsys.readouterr().out
-    assert "trainable params: 65,536 || all params: 908,032 || trainable%: 7.2174" in stdout, stdout
+    assert "trainable params: 65,536 || all params: 722,048 || trainable%: 9.0764" in stdout, stdout
 
 
 def test_inspect_a_torch_peft_adapter(torch_adapter, capsys):
     folder, torch_line = torch_adapter
-    assert cli.main(["inspect", str(folder), "--base", "builtin"]) == 0
+    assert cli.main(["inspect", str(folder), "--base", "builtin-gpt2"]) == 0
     stdout = capsys.readouterr().out
     assert "method: LORA   task type: CAUSAL_LM" in stdout, stdout
     assert "  r: 4" in stdout and "  fan_in_fan_out: true" in stdout, stdout
@@ -416,8 +419,6 @@ def test_export_merged_writes_a_transformers_checkpoint(trained, tmp_path, capsy
     import torch
     from transformers import AutoModelForCausalLM
 
-    from jpeft.interop.torch_export import torch_model_from_flax
-
     out, code, *_ = trained
     assert code == 0
     target = tmp_path / "merged"
@@ -433,9 +434,9 @@ def test_export_merged_writes_a_transformers_checkpoint(trained, tmp_path, capsy
 
     # Independently, in torch alone: the merged checkpoint equals base + adapter under torch PEFT.
     merged = AutoModelForCausalLM.from_pretrained(target).eval()
-    assert type(merged).__name__ == "GPT2LMHeadModel"
+    assert type(merged).__name__ == "LlamaForCausalLM"
     base, _ = cli.load_causal_lm(cli.BUILTIN)
-    unmerged = peft.PeftModel.from_pretrained(torch_model_from_flax(base), out / "adapter").eval()
+    unmerged = peft.PeftModel.from_pretrained(cli.torch_twin(base), out / "adapter").eval()
     ids = torch.arange(1, 25).reshape(2, 12)
     with torch.no_grad():
         got, want = merged(ids).logits.numpy(), unmerged(ids).logits.numpy()
@@ -479,11 +480,11 @@ def test_error_unknown_peft_type(tmp_path, capsys):
 
 
 def test_error_target_modules_that_match_nothing(tmp_path, capsys):
-    code = cli.main(_train_error(tmp_path, "--target-modules", "q_proj,v_proj"))
+    code = cli.main(_train_error(tmp_path, "--target-modules", "c_attn,c_fc"))
     err = capsys.readouterr().err
     # One error line; the indented lines under it list the modules that do exist.
-    assert_one_line_error(code, err, "q_proj", "not found", continuation=True)
-    assert "transformer.h.0.attn.c_attn" in err, err
+    assert_one_line_error(code, err, "c_attn", "not found", continuation=True)
+    assert "model.layers.0.mlp.down_proj" in err, err
 
 
 def test_error_model_folder_that_does_not_exist(tmp_path, capsys):

@@ -84,7 +84,7 @@ def test_train_accelerated_on_four_fake_cpu_devices(tmp_path):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     tensors = checkpoint.read_tensors(adapter)
-    assert len(tensors) == 32
+    assert len(tensors) == 56  # the built-in Llama: 4 layers x 7 projections x (A, B)
     assert {str(t.dtype) for t in tensors.values()} == {"float32"}  # fp32 adapter weights under bf16 compute
     assert (out / "loss.png").is_file() and (out / "metrics.jsonl").is_file()
 
@@ -92,7 +92,7 @@ def test_train_accelerated_on_four_fake_cpu_devices(tmp_path):
 @pytest.mark.slow
 def test_export_for_torch_script(tmp_path):
     """An adapter on the built-in model goes through ``scripts/export_for_torch.py`` and torch PEFT agrees."""
-    model, _ = cli.load_causal_lm(cli.BUILTIN)
+    model, _ = cli.load_causal_lm(cli.BUILTIN_GPT2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # GPT-2's fan_in_fan_out notice
         peft_model = jpeft.get_peft_model(
@@ -102,7 +102,7 @@ def test_export_for_torch_script(tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
 
     proc = _run(
-        [str(SCRIPTS / "export_for_torch.py"), str(tmp_path / "adapter"), "--base", "builtin"]
+        [str(SCRIPTS / "export_for_torch.py"), str(tmp_path / "adapter"), "--base", "builtin-gpt2"]
         + ["--out", str(tmp_path / "for-torch")],
         cwd=tmp_path,
         devices=1,

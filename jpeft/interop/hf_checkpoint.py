@@ -116,7 +116,31 @@ def resolve_model_folder(
     return folder
 
 
-def _download(repo_id: str, revision: str | None, token: str | bool | None, cache_dir: Any) -> Path:
+def resolve_config_folder(
+    path_or_id: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+) -> Path:
+    """A folder holding ``path_or_id``'s ``config.json``: the folder itself, or a Hub snapshot of that file only.
+
+    Lets a caller read the architecture before deciding how (and whether) to fetch the weights.
+
+    Raises:
+        CheckpointError: as :func:`resolve_model_folder` (offline and not cached, unknown repo, ...).
+    """
+    folder = Path(path_or_id)
+    if folder.exists():
+        return folder
+    if not looks_like_repo_id(path_or_id):
+        raise CheckpointError(f"no model folder at {str(folder)!r}.")
+    return _download(os.fspath(path_or_id), revision, token, None, patterns=[CONFIG_NAME])
+
+
+def _download(
+    repo_id: str,
+    revision: str | None,
+    token: str | bool | None,
+    cache_dir: Any,
+    patterns: list[str] | None = None,
+) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -130,7 +154,7 @@ def _download(repo_id: str, revision: str | None, token: str | bool | None, cach
         snapshot = snapshot_download(
             repo_id,
             revision=revision,
-            allow_patterns=HUB_PATTERNS,
+            allow_patterns=HUB_PATTERNS if patterns is None else patterns,
             token=token,
             cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
             local_files_only=offline,

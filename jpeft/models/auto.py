@@ -86,10 +86,9 @@ class AutoModelForCausalLM:
         """
         cfg = config_from(config)
         dtype, param_dtype = _dtype(dtype), _dtype(param_dtype)
-        seed = key if isinstance(key, int) else jax.random.key_data(key).ravel()[-1]
         return CausalLM(
             cfg,
-            rngs=nnx.Rngs(int(seed)),
+            rngs=nnx.Rngs(key),
             dtype=dtype,
             param_dtype=param_dtype or dtype or jnp.float32,
             scan_layers=scan_layers,

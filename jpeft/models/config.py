@@ -18,6 +18,8 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+
 from jpeft.errors import ConfigError
 from jpeft.models.rope import Rope, rope_from_config
 
@@ -255,35 +257,19 @@ def build(
 
 
 def _gelu_tanh(x: Any) -> Any:
-    import jax
-
     return jax.nn.gelu(x, approximate=True)
 
 
 def _gelu(x: Any) -> Any:
-    import jax
-
     return jax.nn.gelu(x, approximate=False)
-
-
-def _silu(x: Any) -> Any:
-    import jax
-
-    return jax.nn.silu(x)
-
-
-def _relu(x: Any) -> Any:
-    import jax
-
-    return jax.nn.relu(x)
 
 
 # transformers' ACT2FN names, as the MLP reads them
 ACTIVATIONS: Mapping[str, Callable[[Any], Any]] = {
-    "silu": _silu,
-    "swish": _silu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
     "gelu": _gelu,
     "gelu_pytorch_tanh": _gelu_tanh,
     "gelu_new": _gelu_tanh,
-    "relu": _relu,
+    "relu": jax.nn.relu,
 }

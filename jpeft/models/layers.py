@@ -40,8 +40,8 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        first = self.keys[0] if isinstance(self.keys, tuple) else self.keys[0]
-        return int(first.shape[1])
+        """Positions the cache holds (``keys[0]`` is layer 0's array either way)."""
+        return int(self.keys[0].shape[1])
 
 
 @flax.struct.dataclass

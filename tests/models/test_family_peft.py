@@ -34,6 +34,8 @@ CASES = [
     *((row, "llama-llama3") for row in LAYER_CONFIGS),
     *((row, "qwen3") for row in ("lora", "ia3", "vera", "adalora", "loha", "lora-dora")),
     *((row, family) for row in PROMPT_CONFIGS for family in FAMILIES),
+    # scan_layers=True: stacked blocks, adapters carried through the scan, per-layer PEFT keys
+    *((row, "qwen3-scan") for row in ("lora", "ia3", "prefix-tuning")),
 ]
 
 
@@ -61,7 +63,9 @@ def test_method_parity_with_torch_peft(row, family, root, tmp_path, record_prope
     peft_type, kwargs = {**LAYER_CONFIGS, **PROMPT_CONFIGS}[row]
     prompt = row in PROMPT_CONFIGS
     torch_config, jpeft_config = parity.method_configs(peft_type, **kwargs)
-    model = jpeft.models.AutoModelForCausalLM.from_pretrained(fam.saved(family, root))
+    scan = family.endswith("-scan")
+    family = family.removesuffix("-scan")
+    model = jpeft.models.AutoModelForCausalLM.from_pretrained(fam.saved(family, root), scan_layers=scan)
     ids, mask = fam.inputs(length=10)
     base = _logits(model, ids, mask)
 
