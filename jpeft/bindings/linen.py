@@ -10,7 +10,6 @@ works under ``jit``, ``grad`` and ``vmap``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -23,6 +22,8 @@ import numpy as np
 from flax.core import meta as flax_meta
 from flax.linen import dtypes as flax_dtypes
 
+from jpeft.bindings import head_capture
+from jpeft.bindings.head_capture import HeadCall
 from jpeft.bindings.protocol import Hook
 from jpeft.core import dots
 from jpeft.core.modules import ModuleInfo, module_name
@@ -204,21 +205,6 @@ def hooked(
         yield
 
 
-@dataclasses.dataclass
-class HeadCall:
-    """What :func:`capture_lm_head` saw of the LM head's call: its input and its weights."""
-
-    hidden: Any = None
-    kernel: Any = None
-    bias: Any = None
-    dtype: Any = None
-    precision: Any = None
-
-    def returned(self, logits: Any) -> bool:
-        """Whether the model returned the head's output unchanged as ``logits`` (nothing applied after it)."""
-        return self.hidden is not None and logits is self.hidden
-
-
 def _plain_head(module: nn.Module) -> bool:
     """A stock ``nn.Dense`` whose weights are plain 2-D/1-D arrays (not quantized, no custom dot)."""
     if type(module) is not nn.Dense or module.dot_general is not None or module.dot_general_cls is not None:
@@ -262,7 +248,7 @@ def capture_lm_head(name: str = "lm_head") -> Iterator[HeadCall]:
         call.dtype, call.precision = module.dtype, module.precision
         return args[0]
 
-    with nn.intercept_methods(interceptor):
+    with head_capture.opened(call), nn.intercept_methods(interceptor):
         yield call
 
 

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jpeft.bindings import head_capture
 from jpeft.bindings.nnx_layers import LayerSpec, refusal, spec_for
 from jpeft.bindings.protocol import Hook
 from jpeft.core.modules import ModuleInfo, Stack
@@ -128,6 +129,38 @@ class FamilyModel(Protocol):
     def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> Any: ...
 
 
+def _capturing_call(self: Any, x: jax.Array) -> jax.Array:
+    """``nnx.Linear.__call__`` under an open head capture: record input and weights, return the input."""
+    call = head_capture.active()
+    if call is None:
+        return super(type(self), self).__call__(x)
+    call.hidden, call.kernel = x, self.kernel[...]
+    call.bias = self.bias[...] if getattr(self, "bias", None) is not None else None
+    call.dtype, call.precision = self.dtype, self.precision
+    return x
+
+
+def _capturing_attend(self: Any, x: jax.Array) -> jax.Array:
+    """``nnx.Embed.attend`` (a tied head) under an open head capture: the kernel is the table transposed."""
+    call = head_capture.active()
+    if call is None:
+        return super(type(self), self).attend(x)
+    call.hidden, call.kernel, call.bias = x, self.embedding[...].T, None  # (features, vocab), as a Dense kernel
+    call.dtype, call.precision = self.dtype, None
+    return x
+
+
+_CAPTURING: dict[tuple[type, str], type] = {}
+
+
+def _capturing_class(cls: type, method: str) -> type:
+    """A subclass of ``cls`` whose ``method`` (``__call__`` of a Linear, ``attend`` of an Embed) captures the head."""
+    if (cls, method) not in _CAPTURING:
+        body = _capturing_call if method == "__call__" else _capturing_attend
+        _CAPTURING[cls, method] = type(cls.__name__, (cls,), {method: body, "__module__": cls.__module__})
+    return _CAPTURING[cls, method]
+
+
 _HOOKED: dict[type, type] = {}
 
 
@@ -199,6 +232,7 @@ class NNXBinding:
         self.torch_module_path: str | None = None
         self.output_embedding_names = frozenset(n for n in OUTPUT_EMBEDDING_NAMES if n in self.modules)
         self.tied_embedding_names: frozenset[str] = frozenset()
+        self.head_output_is_logits = False
         self.family = isinstance(model, FamilyModel)
         if isinstance(model, FamilyModel):
             self.name_or_path = model.name_or_path
@@ -206,8 +240,8 @@ class NNXBinding:
             self.output_embedding_names = frozenset({"lm_head"})
             if model.config.tie_word_embeddings:
                 self.tied_embedding_names = frozenset({"model.embed_tokens"})
+            self.head_output_is_logits = True  # the logits are lm_head's output, unchanged
         self.buffer_paths: frozenset[Path] = frozenset()
-        self.head_output_is_logits = False
         self.remat = False
 
     # ---------------------------------------------------------------- reading the module
@@ -369,10 +403,23 @@ class NNXBinding:
             _reseed(model, dropout_rng)
         for name in names:
             self._install(model, name, (carry or {}).get(name))
+        if self.family and head_capture.active() is not None:
+            self._capture_head(model, names)
         if self.remat:
             _remat_blocks(model, frozenset(root for root, _ in self._stacks.values()))
         with _hooks(hook):
             return model(*args, **kwargs)
+
+    def _capture_head(self, model: nnx.Module, names: frozenset[str]) -> None:
+        """For the fused loss: the family model's head (``lm_head``, or a tied embedding's ``attend``) returns its input."""
+        if "lm_head" in self._layer_paths:
+            if "lm_head" not in names:
+                head = _find(model, self._layer_paths["lm_head"])
+                head.__class__ = _capturing_class(type(head), "__call__")
+        elif self.tied_embedding_names and not self.tied_embedding_names & names:
+            (name,) = self.tied_embedding_names
+            table = _find(model, self._layer_paths[name])
+            table.__class__ = _capturing_class(type(table), "attend")
 
     def _install(self, model: nnx.Module, name: str, carried: PyTree | None) -> None:
         nnx_path = self._layer_paths.get(name)

@@ -202,9 +202,11 @@ class CausalLM(nnx.Module):
         index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
         keys = cache.capacity if cache is not None else length
         key_mask = _key_mask(attention_mask, batch, keys)
-        if position_ids is None:
+        table = None
+        if position_ids is None:  # index + arange: within the keys' range, so cos/sin come from a table
             position_ids = jnp.broadcast_to(index + jnp.arange(length), (batch, length))
-        cos, sin = cos_sin(self.config.rope, position_ids, x.dtype)
+            table = keys
+        cos, sin = cos_sin(self.config.rope, position_ids, x.dtype, table)
         masks = attention_masks(self.config, key_mask, index, length)
         h, cache = self.model(x, cos, sin, masks, cache)
         logits = self.model.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)

@@ -334,20 +334,29 @@ def inv_freq_and_scaling(rope: Rope, seq_len: jax.Array | int | None = None) -> 
     return inv, scaling
 
 
-def cos_sin(rope: Rope, position_ids: jax.Array, dtype: DTypeLike) -> tuple[jax.Array, jax.Array]:
+def cos_sin(
+    rope: Rope, position_ids: jax.Array, dtype: DTypeLike, table_size: int | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Return cos, sin ``(B, L, rotary_dim)`` in ``dtype`` for integer ``position_ids`` ``(B, L)``.
 
     Computed in float32 like torch (freqs = fp32(pos) * inv_freq; emb = [freqs, freqs]; cos(emb) * scaling)
     and cast last. Dynamic and longrope take ``seq_len`` as ``max(position_ids) + 1`` over the whole batch.
+
+    ``table_size``: the positions are known to lie in ``[0, table_size)``; cos/sin are then computed once per
+    position and gathered (the same values). Without it XLA copies the trigonometry into every fusion that
+    rotates a query or key head, which on a CPU costs several percent of a training step.
     """
     pos = jnp.asarray(position_ids)
     seq_len = jnp.max(pos) + 1 if rope.rope_type in ("dynamic", "longrope") else None
     inv, scaling = inv_freq_and_scaling(rope, seq_len)
-    freqs = pos.astype(jnp.float32)[..., None] * inv
+    at = pos if table_size is None else jnp.arange(table_size)
+    freqs = at.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     cos, sin = jnp.cos(emb), jnp.sin(emb)
     if scaling != 1.0:
         cos, sin = cos * scaling, sin * scaling
+    if table_size is not None:
+        cos, sin = jnp.take(cos, pos, axis=0, mode="clip"), jnp.take(sin, pos, axis=0, mode="clip")
     return cos.astype(dtype), sin.astype(dtype)
 
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jpeft.bindings.linen import capture_lm_head
+from jpeft.bindings.linen import capture_lm_head  # opens the capture for every binding
 from jpeft.config import TaskType
 from jpeft.core.tree import combine
 from jpeft.train import losses

@@ -85,3 +85,28 @@ def test_generate_refuses_ids_outside_the_vocabulary(root):
     model = jpeft.models.AutoModelForCausalLM.from_pretrained(fam.saved("llama-default", root))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model.generate(np.array([[1, 2, 500]]), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen2-window-tied"])
+def test_fused_loss_captures_the_head_and_equals_the_plain_loss(root, name):
+    """The train step's fused LM-head loss (on by default) applies to family models, tied heads included."""
+    from jpeft.bindings.linen import capture_lm_head
+
+    model = jpeft.models.AutoModelForCausalLM.from_pretrained(fam.saved(name, root))
+    ids, mask = fam.inputs()
+    peft_model = jpeft.get_peft_model(model, jpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with capture_lm_head() as head:
+        out = peft_model(ids, attention_mask=mask)
+    assert head.returned(out.logits), "the head's input came back as the logits"
+    assert head.kernel.shape == (32, 96)
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+    runs = []
+    for fused in (True, False):
+        trainer = jpeft.train.make_train_step(peft_model, optax.adam(1e-2), fused_loss=fused)
+        state = trainer.init(jax.random.key(0))
+        losses = []
+        for _ in range(2):
+            state, metrics = trainer.step(state, trainer.frozen(), batch)
+            losses.append(float(metrics["loss"]))
+        runs.append(losses)
+    np.testing.assert_allclose(runs[0], runs[1], atol=1e-5)
