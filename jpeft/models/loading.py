@@ -15,6 +15,7 @@ Names: a state path ``model.layers.0.self_attn.q_proj.kernel`` is the torch key
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -128,12 +129,20 @@ def fill(
         var = flat[leaf.path]
         shape, dtype = tuple(var.shape), np.dtype(param_dtype)
         read = _reader(index, leaf, shape, dtype)
+        quantized = quantization is not None and leaf.transpose and len(shape) == 2
+        quantized = quantized and not is_skipped(leaf.module, skip)
+        if quantized and mesh is None:  # quantize torch's (out, in) as stored: no transposed copy either way
+            assert quantization is not None
+            stored = jnp.asarray(np.asarray(index.read(leaf.keys[0]), dtype=dtype))
+            values.append((leaf.path, nnx.Param(_quantize_stored(stored, quantization))))
+            continue
         if mesh is not None:
             sharding = NamedSharding(mesh, fsdp_spec(shape, mesh))
             value: Any = jax.make_array_from_callback(shape, sharding, read)
         else:
             value = jnp.asarray(read(None))
-        if quantization is not None and leaf.transpose and value.ndim == 2 and not is_skipped(leaf.module, skip):
+        if quantized:
+            assert quantization is not None
             value = quantize(
                 value,
                 quantization.quant_type,
@@ -145,6 +154,17 @@ def fill(
         values.append((leaf.path, nnx.Param(value)))
     _check_unused(index, plan, tied)
     return nnx.merge(graphdef, nnx.from_flat_state(values), rest)
+
+
+def _quantize_stored(stored: jax.Array, config: QuantizationConfig) -> Any:
+    """The kernel ``stored.T`` quantized as bitsandbytes quantizes the torch weight ``stored`` (one jitted call)."""
+    return _quantize_jit(stored, config.quant_type, config.blocksize, config.double_quant, config.bnb_4bit_compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _quantize_jit(stored: jax.Array, quant_type: str, blocksize: int, double_quant: bool, compute_dtype: Any) -> Any:
+    # quantize(transpose=True) works on kernel.T == stored: the two transposes cancel inside this trace
+    return quantize(stored.T, quant_type, blocksize, double_quant, compute_dtype, transpose=True)
 
 
 def _check_unused(index: TensorIndex, plan: list[Leaf], tied: bool) -> None:
