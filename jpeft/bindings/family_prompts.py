@@ -30,8 +30,14 @@ from jpeft.errors import ConfigError
 PLACEHOLDER = 0
 
 
-def _inputs(binding: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], method: str) -> dict[str, Any]:
-    """The model's inputs by name; refuses what the prompt method fills itself."""
+def _inputs(
+    binding: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], method: str, *, keep_positions: bool = False
+) -> dict[str, Any]:
+    """The model's inputs by name; refuses what the prompt method fills itself.
+
+    ``keep_positions``: keep a caller's ``position_ids`` (prefix tuning shifts them); otherwise they
+    are dropped with PEFT's warning.
+    """
     kw = dict(inspect.signature(binding.model.__call__).bind_partial(*args, **kwargs).arguments)
     for name in ("params", "dropout_rng", "train"):
         if name in kw:
@@ -40,7 +46,7 @@ def _inputs(binding: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], meth
         raise ValueError(f"`cache` cannot be passed to a model with {method}: the method builds the cache itself.")
     if kw.get("input_ids") is None:
         raise ValueError(f"{method} needs `input_ids`.")
-    if method != "prefix tuning" and kw.pop("position_ids", None) is not None:
+    if not keep_positions and kw.pop("position_ids", None) is not None:
         warnings.warn("Position ids are not supported for prompt learning (as in PEFT); ignoring them.", stacklevel=4)
     return kw
 
@@ -54,8 +60,11 @@ def _mask(kw: Mapping[str, Any], batch: int, length: int, nvt: int) -> jax.Array
 # --------------------------------------------------------------------------- virtual tokens
 
 
-def _prompt_hook(prompts: jax.Array, nvt: int, prefill_length: int) -> Any:
-    """Hook on the word embedding: the first ``nvt`` rows of a prefill become the prompts."""
+def _prompt_hook(plan: Any, prompts: jax.Array, prefill_length: int) -> tuple[Any, frozenset[str]]:
+    """``(hook, names)``: on the word embedding, the first ``nvt`` rows of a prefill become the (scaled) prompts."""
+    nvt = plan.num_virtual_tokens
+    if plan.embed_scale != 1.0:
+        prompts = prompts * plan.embed_scale
 
     def hook(name: str, x: jax.Array, out: jax.Array) -> jax.Array:
         if out.ndim != 3 or out.shape[1] != prefill_length:  # decode steps: one new token, no prompt
@@ -63,7 +72,7 @@ def _prompt_hook(prompts: jax.Array, nvt: int, prefill_length: int) -> Any:
         rows = jnp.broadcast_to(prompts.astype(out.dtype)[None], (out.shape[0], nvt, out.shape[2]))
         return jnp.concatenate([rows, out[:, nvt:]], axis=1)
 
-    return hook
+    return hook, frozenset({plan.word_embeddings})
 
 
 def virtual_tokens_run(
@@ -77,9 +86,7 @@ def virtual_tokens_run(
     nvt = plan.num_virtual_tokens
     kw["attention_mask"] = _mask(kw, batch, length, nvt)
     ids = jnp.concatenate([jnp.full((batch, nvt), PLACEHOLDER, ids.dtype), ids], axis=1)
-    scaled = prompts * plan.embed_scale if plan.embed_scale != 1.0 else prompts
-    hook = _prompt_hook(scaled, nvt, nvt + length)
-    names = frozenset({plan.word_embeddings})
+    hook, names = _prompt_hook(plan, prompts, nvt + length)
     return binding.run(base_params, hook, names, (ids,), kw, train=train, dropout_rng=dropout_rng)
 
 
@@ -93,9 +100,7 @@ def virtual_tokens_generate(
     ids, mask, options = _generate_inputs(args, kwargs, model)
     batch, length = ids.shape
     nvt = plan.num_virtual_tokens
-    scaled = prompts * plan.embed_scale if plan.embed_scale != 1.0 else prompts
-    hook = _prompt_hook(scaled, nvt, nvt + length)
-    names = frozenset({plan.word_embeddings})
+    hook, names = _prompt_hook(plan, prompts, nvt + length)
 
     def forward(tokens: jax.Array, full_mask: jax.Array, pos: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
         del pos  # PEFT: positions by cache index
@@ -175,7 +180,7 @@ def prefix_run(
     kwargs: Mapping[str, Any], *, train: bool, dropout_rng: jax.Array | None,
 ) -> Any:
     """The forward with the prefixes in the cache; logits cover the real positions only."""
-    kw = _inputs(binding, args, kwargs, "prefix tuning")
+    kw = _inputs(binding, args, kwargs, "prefix tuning", keep_positions=True)
     ids = jnp.asarray(kw.pop("input_ids"))
     batch, length = ids.shape
     nvt = prefixes[0][0].shape[0]

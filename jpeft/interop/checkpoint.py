@@ -197,10 +197,15 @@ def read_config(folder: Path) -> dict[str, Any]:
             else ""
         )
         raise CheckpointError(f"{str(folder)!r} is not an adapter folder: it has no {CONFIG_NAME}.{hint}")
+    return read_json_object(path, "adapter")
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (a config file of an ``what``: "adapter", "model"); clear errors otherwise."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON ({err}); re-save the adapter.") from None
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({err}); re-save the {what}.") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}.")
     return data

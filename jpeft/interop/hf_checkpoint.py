@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jpeft.errors import CheckpointError
-from jpeft.interop.checkpoint import _fsync_dir
+from jpeft.interop.checkpoint import _fsync_dir, read_json_object
 from jpeft.interop.hub import looks_like_repo_id
 
 CONFIG_NAME = "config.json"
@@ -186,13 +186,7 @@ def read_model_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{str(folder)!r} is not a transformers model folder: it has no {CONFIG_NAME}.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON ({err}); re-save the model.") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}.")
-    return data
+    return read_json_object(path, "model")
 
 
 class _Entry(NamedTuple):

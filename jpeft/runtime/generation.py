@@ -31,6 +31,13 @@ def _eos_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
     return (int(eos_token_id),) if isinstance(eos_token_id, (int, np.integer)) else tuple(int(e) for e in eos_token_id)
 
 
+def _pad_id(pad_token_id: int | None, eos_ids: tuple[int, ...]) -> int:
+    """What fills finished rows: the pad id, else the first EOS id (transformers' rule), else 0."""
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    return eos_ids[0] if eos_ids else 0
+
+
 def _pick(logits: jax.Array, key: jax.Array, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
     logits = logits.astype(jnp.float32)
     if not do_sample:
@@ -99,8 +106,12 @@ def decode(
     return tokens, steps
 
 
-def check_generate_args(input_ids: Any, max_new_tokens: int, vocab_size: int, do_sample: bool, temperature: float) -> None:
+def check_generate_args(
+    input_ids: Any, max_new_tokens: int, vocab_size: int, do_sample: bool, temperature: float, key: Any
+) -> None:
     """Raises ``ValueError`` for arguments that would silently give nonsense."""
+    if do_sample and key is None:
+        raise ValueError("sampling (do_sample=True) needs `key=jax.random.key(...)`.")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     if do_sample and not temperature > 0:
@@ -143,14 +154,12 @@ def generate(
     Returns:
       ``(batch, prompt + n)`` token ids, ``n <= max_new_tokens`` as transformers returns them.
     """
-    check_generate_args(input_ids, max_new_tokens, vocab_size, do_sample, temperature)
-    if do_sample and key is None:
-        raise ValueError("sampling (do_sample=True) needs `key=jax.random.key(...)`.")
+    check_generate_args(input_ids, max_new_tokens, vocab_size, do_sample, temperature, key)
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
     eos_ids = _eos_ids(eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    pad = _pad_id(pad_token_id, eos_ids)
     cache = init_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
     tokens, steps = decode(
         forward,
@@ -209,12 +218,9 @@ def generate_module(
     none (no early stop), as in transformers.
     """
     config = model.config
-    check_generate_args(input_ids, max_new_tokens, config.vocab_size, do_sample, temperature)
-    if do_sample and key is None:
-        raise ValueError("sampling (do_sample=True) needs `key=jax.random.key(...)`.")
+    check_generate_args(input_ids, max_new_tokens, config.vocab_size, do_sample, temperature, key)
     eos_ids = _eos_ids(config.eos_token_id if eos_token_id is FROM_CONFIG else eos_token_id)
-    pad = config.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id
-    pad = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
+    pad = _pad_id(config.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id, eos_ids)
     input_ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     settings = (int(max_new_tokens), bool(do_sample), float(temperature), top_k, top_p, eos_ids, int(pad))
