@@ -411,8 +411,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--model",
         default=BUILTIN,
-        help="transformers folder or Hub id (Llama/Mistral/Qwen2/Qwen3 load as jpeft's own models, other "
-        "architectures through transformers' Flax classes; offline: HF_HUB_OFFLINE=1), 'builtin' (default: "
+        help="transformers folder or Hub id (Llama, Mistral, Qwen2/3, Gemma 2/3 and Phi-3 load as jpeft's own "
+        "models, other architectures through transformers' Flax classes; offline: HF_HUB_OFFLINE=1), 'builtin' (default: "
         "a tiny Llama) or 'builtin-gpt2'",
     )
     t.add_argument(

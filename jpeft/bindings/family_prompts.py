@@ -86,6 +86,8 @@ def virtual_tokens_run(
     nvt = plan.num_virtual_tokens
     kw["attention_mask"] = _mask(kw, batch, length, nvt)
     ids = jnp.concatenate([jnp.full((batch, nvt), PLACEHOLDER, ids.dtype), ids], axis=1)
+    if getattr(binding.model, "task", None) == "SEQ_CLS":
+        kw["pool_last_position"] = True  # PEFT passes inputs_embeds: transformers then pools the last position
     hook, names = _prompt_hook(plan, prompts, nvt + length)
     return binding.run(base_params, hook, names, (ids,), kw, train=train, dropout_rng=dropout_rng)
 
@@ -130,6 +132,14 @@ def _generate_inputs(args: tuple, kwargs: Mapping[str, Any], model: Any) -> tupl
     mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask, jnp.int32)
     options.setdefault("eos_token_id", model.config.eos_token_id)
     options.setdefault("pad_token_id", model.config.pad_token_id)
+    switch = model.config.reencode_at
+    if switch is not None and ids.shape[1] + int(options.get("max_new_tokens", 20)) > switch - 1:
+        raise ValueError(
+            f"generation with a prompt method up to {ids.shape[1] + int(options.get('max_new_tokens', 20))} tokens "
+            f"would pass this {model.config.model_type} model's original_max_position_embeddings "
+            f"({switch - 1}), where transformers re-encodes the sequence with longrope's long factors; PEFT's prompt "
+            "methods do not carry through that re-encoding, so jpeft refuses it. Lower max_new_tokens."
+        )
     return ids, mask, options
 
 
@@ -139,9 +149,11 @@ def _generate_inputs(args: tuple, kwargs: Mapping[str, Any], model: Any) -> tupl
 def check_prefix(binding: Any, config: Any) -> tuple[int, int, int]:
     """``(layers, kv heads, head_dim)`` of the model, checked against a filled prefix-tuning config."""
     cfg = binding.model.config
-    if config.task_type is None or config.task_type.value != "CAUSAL_LM":
+    task = getattr(binding.model, "task", "CAUSAL_LM")
+    if config.task_type is None or config.task_type.value != task:
         raise ConfigError(
-            f"prefix tuning on {binding.class_name} supports task_type CAUSAL_LM, got {config.task_type!r}."
+            f"prefix tuning on {binding.class_name} needs task_type={task!r}, got "
+            f"{config.task_type.value if config.task_type else None!r}."
         )
     if int(config.num_layers) != cfg.num_hidden_layers:
         raise ConfigError(

@@ -122,11 +122,25 @@ class FamilyModel(Protocol):
 
     config: Any
     name_or_path: str | None
+    task: str  # "CAUSAL_LM" or "SEQ_CLS"
 
     @property
     def torch_class_name(self) -> str: ...
 
     def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> Any: ...
+
+
+def _tied_head_info() -> ModuleInfo:
+    """A tied family model's ``lm_head``: no module of its own (the logits use the embedding table)."""
+    return ModuleInfo(
+        name="lm_head", path=("lm_head",), kind="other", type_name="TiedHead", torch_type="Linear",
+        refusal=(
+            "lm_head of this model is tied to model.embed_tokens (tie_word_embeddings=True): jpeft computes the "
+            "logits with the embedding table and has no separate lm_head to adapt or to copy into modules_to_save "
+            "(so a torch adapter with PEFT's untied lm_head copy cannot be loaded either). Leave lm_head out, or "
+            "target embed_tokens with LoRA (PEFT and jpeft then adapt the input lookup only)."
+        ),
+    )
 
 
 def _capturing_call(self: Any, x: jax.Array) -> jax.Array:
@@ -237,10 +251,15 @@ class NNXBinding:
         if isinstance(model, FamilyModel):
             self.name_or_path = model.name_or_path
             self.torch_class_name, self.torch_module_path = model.torch_class_name, "transformers"
-            self.output_embedding_names = frozenset({"lm_head"})
-            if model.config.tie_word_embeddings:
-                self.tied_embedding_names = frozenset({"model.embed_tokens"})
-            self.head_output_is_logits = True  # the logits are lm_head's output, unchanged
+            if model.task == "CAUSAL_LM":
+                self.output_embedding_names = frozenset({"lm_head"})
+                if model.config.tie_word_embeddings:
+                    self.tied_embedding_names = frozenset({"model.embed_tokens"})
+                    self.modules = {**self.modules, "lm_head": _tied_head_info()}
+                # the logits are lm_head's output, unchanged (unless soft-capped: then the plain loss)
+                self.head_output_is_logits = model.config.final_logit_softcapping is None
+            else:  # a classification head: no vocabulary logits
+                self.output_embedding_names = frozenset()
         self.buffer_paths: frozenset[Path] = frozenset()
         self.remat = False
 
@@ -335,6 +354,7 @@ class NNXBinding:
             weight_name=spec.weight,
             param_shapes={("bias" if k == spec.bias else k): v for k, v in own_shapes.items()},
             conv=spec.conv,
+            output_scale=float(getattr(module, "embed_scale", 1.0)) if spec.kind == "embedding" else 1.0,
         )
 
     # ---------------------------------------------------------------- running it
@@ -403,7 +423,7 @@ class NNXBinding:
             _reseed(model, dropout_rng)
         for name in names:
             self._install(model, name, (carry or {}).get(name))
-        if self.family and head_capture.active() is not None:
+        if self.family and self.head_output_is_logits and head_capture.active() is not None:
             self._capture_head(model, names)
         if self.remat:
             _remat_blocks(model, frozenset(root for root, _ in self._stacks.values()))
@@ -466,7 +486,10 @@ class NNXBinding:
         kwargs = dict(kwargs)
         kwargs.setdefault("eos_token_id", model.config.eos_token_id)
         kwargs.setdefault("pad_token_id", model.config.pad_token_id)
-        return generate(forward, model.init_cache, *args, vocab_size=model.config.vocab_size, **kwargs)
+        return generate(
+            forward, model.init_cache, *args, vocab_size=model.config.vocab_size,
+            reencode_at=model.config.reencode_at, **kwargs,
+        )
 
     def enable_gradient_checkpointing(self) -> None:
         """Rematerialises each repeated block (``layers.N`` of a list, or a stacked block in its scan) in the backward pass."""

@@ -103,6 +103,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma": _row(_QV, (("q_proj", "v_proj", "down_proj"), ("down_proj",)), head_output_is_logits=True),
     "qwen2": _row(_QV, (("q_proj", "v_proj", "down_proj"), ("down_proj",))),
     "qwen3": _row(_QV, (("q_proj", "v_proj", "down_proj"), ("down_proj",))),
+    "gemma2": _row(_QV, (("q_proj", "v_proj", "down_proj"), ("down_proj",))),
+    "gemma3_text": _row(_QV, (("q_proj", "v_proj", "down_proj"), ("down_proj",))),
+    # phi3: PEFT has no defaults (its "phi" rows are Phi-1/2): users name qkv_proj, gate_up_proj, ...
     "bert": _row(("query", "value"), (("key", "value", "output.dense"), ("output.dense",)), prefix=_BERT_PREFIX),
     "roberta": _row(
         ("query", "value"), (("key", "value", "output.dense"), ("output.dense",)), ("query", "key", "value", "dense")

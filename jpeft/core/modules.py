@@ -77,6 +77,8 @@ class ModuleInfo:
       conv: a convolution's window (kind ``"conv"``; its weight is ``(*kernel_size, in, out)``).
       refusal: for a module the binding cannot adapt, why, and what to do (the error raised
         when a config targets it); empty when no more is known than its kind.
+      output_scale: what the layer multiplies its output by after the lookup (Gemma's scaled
+        embedding, ``sqrt(hidden_size)``); PEFT scales an adapter's delta on it by the same.
     """
 
     name: str
@@ -92,6 +94,7 @@ class ModuleInfo:
     stack: Stack | None = None
     conv: Conv | None = None
     refusal: str = ""
+    output_scale: float = 1.0
 
     @property
     def has_bias(self) -> bool:

@@ -45,6 +45,8 @@ NEUTRAL_FIELDS = frozenset(
         "remove_invalid_values", "repetition_penalty", "return_dict_in_generate", "suppress_tokens",
         "temperature", "top_k", "top_p", "typical_p", "bos_token", "eos_token", "pad_token",
         "tf_legacy_loss", "use_return_dict", "original_max_position_embeddings", "partial_rotary_factor",
+        "cache_implementation", "hidden_activation", "query_pre_attn_scalar", "sliding_window_pattern",
+        "rope_local_base_freq",
     }
 )
 # Fields that do change the math and jpeft does not implement: refused with the reason.
@@ -52,8 +54,10 @@ REFUSED_FIELDS: Mapping[str, str] = {
     "quantization_config": "pre-quantized checkpoints (GPTQ/AWQ/bitsandbytes files) are not read; load the "
     "full-precision checkpoint and pass `quantization_config=jpeft.QuantizationConfig(...)` to quantize on read",
     "use_bidirectional_attention": "bidirectional attention is not implemented; jpeft's models are causal",
-    "attn_logit_softcapping": "attention soft-capping belongs to Gemma 2, which this family does not have",
-    "final_logit_softcapping": "final logit soft-capping belongs to Gemma, which this family does not have",
+    "attn_logit_softcapping": "attention soft-capping belongs to Gemma 2; transformers' class of this family does "
+    "not apply it",
+    "final_logit_softcapping": "final logit soft-capping belongs to Gemma; transformers' class of this family does "
+    "not apply it",
 }
 
 
@@ -70,13 +74,27 @@ class DecoderConfig:
       rms_norm_eps: epsilon of every RMSNorm (q/k norms included).
       max_position_embeddings: positions the model was built for.
       qkv_bias, o_bias, mlp_bias: which projections carry a bias.
-      qk_norm: per-head RMSNorm on queries and keys before RoPE (Qwen3).
+      qk_norm: per-head RMSNorm on queries and keys before RoPE (Qwen3, Gemma 3).
+      norm_offset: Gemma's RMSNorm, ``x * (1 + weight)`` in float32 (weights stored as offsets).
+      embed_scale: the embedding multiplies its rows by ``sqrt(hidden_size)`` (Gemma), in the
+        activations' dtype, inside the embedding module (so ``inputs_embeds`` are not scaled).
+      sandwich_norms: Gemma's block: ``post_attention_layernorm`` normalises the attention output,
+        ``pre_/post_feedforward_layernorm`` wrap the MLP.
+      query_pre_attn_scalar: attention scores scale by its ``-0.5`` power (``None``: ``head_dim``'s).
+      attn_logit_softcapping: scores become ``c * tanh(scores / c)`` before the mask (Gemma 2).
+      final_logit_softcapping: the causal LM's logits become ``c * tanh(logits / c)`` (Gemma).
+      fused_projections: one ``qkv_proj`` (rows q, k, v) and one ``gate_up_proj`` (rows gate, up),
+        as Phi-3 stores them.
+      reencode_at: generation re-encodes the whole sequence (a fresh cache) when it reaches this
+        length, as transformers' Phi-3 does when longrope switches to its long factors.
       tie_word_embeddings: ``lm_head`` shares ``embed_tokens``' weight.
       layer_types: per layer, ``"full_attention"`` or ``"sliding_attention"``.
       sliding_window: keys a sliding layer sees (itself included), or ``None``.
-      rope: the rotary setup of every layer.
+      rope: the rotary setup of every layer (of the full-attention layers with ``rope_local``).
+      rope_local: the rotary setup of the sliding layers when it differs (Gemma 3), else ``None``.
       pad_token_id, bos_token_id, eos_token_id: the special ids of ``config.json``.
       initializer_range: std of the normal init of ``from_config``.
+      num_labels: outputs of a sequence-classification head (``id2label``'s length, default 2).
       raw: ``config.json`` as read (written back by ``save_pretrained``).
     """
 
@@ -97,6 +115,15 @@ class DecoderConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    norm_offset: bool = False
+    embed_scale: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    fused_projections: bool = False
+    reencode_at: int | None = None
+    rope_local: Rope | None = None
     tie_word_embeddings: bool = False
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
@@ -104,6 +131,7 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     initializer_range: float = 0.02
+    num_labels: int = 2
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
     # transformers-config-shaped reads, for code that reads any model's config (prompt learning)
@@ -111,16 +139,31 @@ class DecoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """``config.json`` as it is saved (the read dict, with this model's ``model_type``)."""
+        labels = self.raw.get("id2label")
+        if not isinstance(labels, Mapping) or len(labels) != self.num_labels:
+            labels = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
         return {
             **self.raw,
             "model_type": self.model_type,
             "head_dim": self.head_dim,
             "num_key_value_heads": self.num_key_value_heads,
+            "id2label": dict(labels),
+            "label2id": {v: int(k) for k, v in labels.items()},
         }
 
     def sliding(self, layer: int) -> int | None:
         """The sliding window of ``layer`` (``None``: full attention)."""
         return self.sliding_window if self.layer_types[layer] == SLIDING else None
+
+    @property
+    def attention_scale(self) -> float:
+        """What attention scores are multiplied by."""
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def embedding_scale(self) -> float:
+        """What the input embedding multiplies its rows by (1.0 but for Gemma)."""
+        return float(self.hidden_size) ** 0.5 if self.embed_scale else 1.0
 
 
 # --------------------------------------------------------------------------- reading helpers
@@ -135,18 +178,35 @@ def check_fields(raw: Mapping[str, Any], family: str, extra: frozenset[str] = fr
     for name, why in REFUSED_FIELDS.items():
         if raw.get(name) not in (None, False) and name not in extra:
             raise ConfigError(f"config.json field `{name}` of this {family} model is not supported: {why}.")
-    if raw.get("attention_dropout"):
-        raise ConfigError(
-            f"config.json field `attention_dropout={raw['attention_dropout']}` is not supported: jpeft's {family} "
-            "attention has no dropout (every released checkpoint uses 0.0); set it to 0.0."
-        )
-    unknown = sorted(k for k in raw if k not in NEUTRAL_FIELDS and k not in extra and not k.startswith("_"))
+    no_dropout(raw, family, "attention_dropout")
+    known = NEUTRAL_FIELDS | extra | REFUSED_FIELDS.keys()
+    unknown = sorted(k for k in raw if k not in known and not k.startswith("_"))
     if unknown:
         warnings.warn(
             f"config.json of this {family} model has fields jpeft does not read: {', '.join(unknown)}. jpeft "
             "honours every field transformers' torch class uses for the math; these are ignored.",
             stacklevel=3,
         )
+
+
+def optional_positive(raw: Mapping[str, Any], name: str) -> float | None:
+    """A field that is a positive number or null (soft-caps, scalars)."""
+    value = raw.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"config.json field `{name}` must be a positive number or null, got {value!r}.")
+    return float(value)
+
+
+def no_dropout(raw: Mapping[str, Any], family: str, *names: str) -> None:
+    """Refuses a non-zero dropout field: jpeft's blocks have no dropout."""
+    for name in names:
+        if raw.get(name):
+            raise ConfigError(
+                f"config.json field `{name}={raw[name]}` is not supported: jpeft's {family} blocks have no dropout "
+                "(released checkpoints use 0.0); set it to 0.0."
+            )
 
 
 def _int(raw: Mapping[str, Any], name: str, default: Any = None) -> int:
@@ -156,11 +216,19 @@ def _int(raw: Mapping[str, Any], name: str, default: Any = None) -> int:
     return value
 
 
-def rope_fields(raw: Mapping[str, Any], default_theta: float = 10000.0) -> tuple[float, Mapping[str, Any] | None]:
-    """``(rope_theta, rope_scaling)`` from either layout (4.x top-level fields, 5.x ``rope_parameters``)."""
+def rope_fields(
+    raw: Mapping[str, Any], default_theta: float = 10000.0, layer_type: str | None = None
+) -> tuple[float, Mapping[str, Any] | None]:
+    """``(rope_theta, rope_scaling)`` from either layout (4.x top-level fields, 5.x ``rope_parameters``).
+
+    ``layer_type``: for a model whose ``rope_parameters`` has one entry per attention type
+    (Gemma 3 in 5.x), the entry to read.
+    """
     params = raw.get("rope_parameters")
+    if params and layer_type is not None and isinstance(params, Mapping) and layer_type in params:
+        params = params[layer_type]
     if params:
-        if not isinstance(params, Mapping) or "full_attention" in params:
+        if not isinstance(params, Mapping) or FULL in params:
             raise ConfigError(
                 "config.json field `rope_parameters` must be one mapping {rope_type, rope_theta, ...} for this "
                 f"model, got {params!r}."
@@ -172,8 +240,13 @@ def rope_fields(raw: Mapping[str, Any], default_theta: float = 10000.0) -> tuple
     return float(raw.get("rope_theta", default_theta)), raw.get("rope_scaling")
 
 
-def layer_types_of(raw: Mapping[str, Any], layers: int, window: int | None, first_sliding: int = 0) -> tuple[str, ...]:
-    """Per-layer attention types: ``layer_types`` when given, else layers from ``first_sliding`` slide."""
+def layer_types_of(
+    raw: Mapping[str, Any], layers: int, window: int | None, first_sliding: int = 0, pattern: int | None = None
+) -> tuple[str, ...]:
+    """Per-layer attention types: ``layer_types`` when given, else layers from ``first_sliding`` slide.
+
+    ``pattern`` (Gemma): layer ``i`` is full iff ``(i + 1) % pattern == 0``; all others slide.
+    """
     given = raw.get("layer_types")
     if given is not None:
         if len(given) != layers or any(t not in (FULL, SLIDING) for t in given):
@@ -181,6 +254,8 @@ def layer_types_of(raw: Mapping[str, Any], layers: int, window: int | None, firs
                 f"config.json field `layer_types` must list {layers} entries of {FULL!r}/{SLIDING!r}, got {given!r}."
             )
         return tuple(given)
+    if pattern is not None:
+        return tuple(SLIDING if window is not None and (i + 1) % pattern else FULL for i in range(layers))
     return tuple(SLIDING if window is not None and i >= first_sliding else FULL for i in range(layers))
 
 
@@ -196,9 +271,18 @@ def build(
     qk_norm: bool = False,
     sliding_window: int | None = None,
     first_sliding: int = 0,
+    sliding_pattern: int | None = None,
     defaults: Mapping[str, Any] | None = None,
+    act_field: str = "hidden_act",
+    rope: Rope | None = None,
+    **family: Any,
 ) -> DecoderConfig:
-    """The checked :class:`DecoderConfig` of one family's ``config.json`` (its defaults in ``defaults``)."""
+    """The checked :class:`DecoderConfig` of one family's ``config.json`` (its defaults in ``defaults``).
+
+    ``act_field`` names the activation's field (Gemma reads ``hidden_activation``); ``rope``
+    replaces the rotary setup read from the usual fields; ``family`` sets the remaining
+    :class:`DecoderConfig` flags (``norm_offset=True``, ...).
+    """
     raw = {**(defaults or {}), **raw}
     heads = _int(raw, "num_attention_heads")
     hidden = _int(raw, "hidden_size")
@@ -210,19 +294,20 @@ def build(
     head_dim = raw.get("head_dim") or head_dim_default or hidden // heads
     layers = _int(raw, "num_hidden_layers")
     max_pos = _int(raw, "max_position_embeddings")
-    theta, scaling = rope_fields(raw)
-    rope = rope_from_config(
-        rope_theta=theta,
-        rope_scaling=scaling,
-        head_dim=int(head_dim),
-        max_position_embeddings=max_pos,
-        partial_rotary_factor=float(raw.get("partial_rotary_factor", 1.0)),
-        original_max_position_embeddings=raw.get("original_max_position_embeddings"),
-    )
-    act = raw.get("hidden_act", "silu")
+    if rope is None:
+        theta, scaling = rope_fields(raw)
+        rope = rope_from_config(
+            rope_theta=theta,
+            rope_scaling=scaling,
+            head_dim=int(head_dim),
+            max_position_embeddings=max_pos,
+            partial_rotary_factor=float(raw.get("partial_rotary_factor", 1.0)),
+            original_max_position_embeddings=raw.get("original_max_position_embeddings"),
+        )
+    act = raw.get(act_field, "silu")
     if act not in ACTIVATIONS:
         raise ConfigError(
-            f"config.json field `hidden_act={act!r}` is not supported; supported: {', '.join(sorted(ACTIVATIONS))}."
+            f"config.json field `{act_field}={act!r}` is not supported; supported: {', '.join(sorted(ACTIVATIONS))}."
         )
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window <= 0):
         raise ConfigError(f"config.json field `sliding_window` must be a positive integer or null, got {sliding_window!r}.")
@@ -246,14 +331,23 @@ def build(
         mlp_bias=mlp_bias,
         qk_norm=qk_norm,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        layer_types=layer_types_of(raw, layers, sliding_window, first_sliding),
+        layer_types=layer_types_of(raw, layers, sliding_window, first_sliding, sliding_pattern),
         sliding_window=sliding_window,
         pad_token_id=raw.get("pad_token_id"),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         initializer_range=float(raw.get("initializer_range", 0.02)),
+        num_labels=_num_labels(raw),
         raw=dict(raw),
+        **family,
     )
+
+
+def _num_labels(raw: Mapping[str, Any]) -> int:
+    labels = raw.get("id2label")
+    if isinstance(labels, Mapping) and labels:
+        return len(labels)
+    return _int(raw, "num_labels", 2)
 
 
 def _gelu_tanh(x: Any) -> Any:

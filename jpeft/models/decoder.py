@@ -22,9 +22,12 @@ from flax import nnx
 
 from jpeft.interop import hf_checkpoint
 from jpeft.models.config import SLIDING, DecoderConfig
-from jpeft.models.layers import CausalLMOutput, DecoderLayer, KVCache, RMSNorm, attention_masks
+from jpeft.models.layers import CausalLMOutput, DecoderLayer, KVCache, RMSNorm, ScaledEmbed, attention_masks
 from jpeft.models.loading import torch_tensors
 from jpeft.models.rope import cos_sin
+
+# ((cos, sin) of the full-attention layers, (cos, sin) of the sliding layers or None: the same rope)
+Rotary = tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array] | None]
 
 
 class DecoderModel(nnx.Module):
@@ -32,14 +35,18 @@ class DecoderModel(nnx.Module):
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, dtypes: tuple[Any, Any], scan_layers: bool):
         dtype, param_dtype = dtypes
-        self.embed_tokens = nnx.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
+        embed: dict[str, Any] = dict(
             dtype=dtype,
             param_dtype=param_dtype,
             embedding_init=nnx.initializers.normal(cfg.initializer_range),
             rngs=rngs,
         )
+        if cfg.embed_scale:
+            self.embed_tokens: nnx.Embed = ScaledEmbed(
+                cfg.vocab_size, cfg.hidden_size, embed_scale=cfg.embedding_scale, **embed
+            )
+        else:
+            self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, **embed)
         if scan_layers:
 
             @nnx.split_rngs(splits=cfg.num_hidden_layers)
@@ -50,27 +57,30 @@ class DecoderModel(nnx.Module):
             self.layers: Any = blocks(rngs)
         else:
             self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtypes=dtypes) for _ in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, offset=cfg.norm_offset)
         self.scan_layers = scan_layers
         self.sliding = tuple(t == SLIDING for t in cfg.layer_types)
 
     def __call__(
         self,
         x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
+        rotary: Rotary,
         masks: tuple[jax.Array, jax.Array | None],
         cache: KVCache | None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """The last hidden states (after ``norm``) of input embeddings ``x`` and the updated cache."""
+        """The last hidden states (after ``norm``) of input embeddings ``x`` and the updated cache.
+
+        ``rotary``: ``((cos, sin) of full-attention layers, (cos, sin) of sliding layers or None)``.
+        """
         full, window = masks
         index = cache.index if cache is not None else 0
         if self.scan_layers:
-            x, keys, values = self._scan(x, cos, sin, full, window, cache)
+            x, keys, values = self._scan(x, rotary, full, window, cache)
         else:
             keys_out, values_out = [], []
             for i, layer in enumerate(self.layers):
                 mask = window if self.sliding[i] and window is not None else full
+                cos, sin = rotary[1] if self.sliding[i] and rotary[1] is not None else rotary[0]
                 kv = None if cache is None else (cache.keys[i], cache.values[i])
                 x, kv = layer(x, cos, sin, mask, kv, index)
                 if kv is not None:
@@ -85,8 +95,7 @@ class DecoderModel(nnx.Module):
     def _scan(
         self,
         x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
+        rotary: Rotary,
         full: jax.Array,
         window: jax.Array | None,
         cache: KVCache | None,
@@ -94,12 +103,21 @@ class DecoderModel(nnx.Module):
         flags = jnp.asarray(self.sliding)
         window = full if window is None else window
         index = cache.index if cache is not None else 0
+        (cos_full, sin_full), local = rotary
+        cos_local, sin_local = local if local is not None else (cos_full, sin_full)
+
+        def pick(slides: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+            if local is None:
+                return jnp.where(slides, window, full), cos_full, sin_full
+            return jnp.where(slides, window, full), jnp.where(slides, cos_local, cos_full), jnp.where(
+                slides, sin_local, sin_full
+            )
 
         if cache is None:
 
             @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry)
             def step(block: DecoderLayer, h: jax.Array, slides: jax.Array) -> jax.Array:
-                mask = jnp.where(slides, window, full)
+                mask, cos, sin = pick(slides)
                 return block(h, cos, sin, mask, None, 0)[0]
 
             return step(self.layers, x, flags), None, None
@@ -108,7 +126,7 @@ class DecoderModel(nnx.Module):
         def step_cached(
             block: DecoderLayer, h: jax.Array, slides: jax.Array, k: jax.Array, v: jax.Array
         ) -> tuple[jax.Array, jax.Array, jax.Array]:
-            mask = jnp.where(slides, window, full)
+            mask, cos, sin = pick(slides)
             h, kv = block(h, cos, sin, mask, (k, v), index)
             assert kv is not None
             return h, kv[0], kv[1]
@@ -116,7 +134,78 @@ class DecoderModel(nnx.Module):
         return step_cached(self.layers, x, flags, cache.keys, cache.values)
 
 
-class CausalLM(nnx.Module):
+class DecoderBase(nnx.Module):
+    """What every head over :class:`DecoderModel` shares: inputs, positions, masks, cache, saving.
+
+    Subclasses (:class:`CausalLM`, :class:`~jpeft.models.classification.SequenceClassification`)
+    add their head and name their torch class.
+    """
+
+    config: DecoderConfig
+    model: DecoderModel
+    dtype: Any
+    name_or_path: str | None
+    task: str = ""
+
+    @property
+    def torch_class_name(self) -> str:
+        return self.config.torch_class_name
+
+    def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> KVCache:
+        """An empty key/value cache for ``capacity`` positions (``dtype``: the activations' by default)."""
+        cfg = self.config
+        dtype = dtype or self.dtype or self.model.embed_tokens.embedding[...].dtype
+        shape = (batch_size, capacity, cfg.num_key_value_heads, cfg.head_dim)
+        if self.model.scan_layers:
+            stacked = jnp.zeros((cfg.num_hidden_layers, *shape), dtype)
+            return KVCache(keys=stacked, values=stacked, index=jnp.zeros((), jnp.int32))
+        layers = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+        return KVCache(keys=layers, values=layers, index=jnp.zeros((), jnp.int32))
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array | None,
+        attention_mask: jax.Array | None,
+        position_ids: jax.Array | None,
+        cache: KVCache | None,
+        inputs_embeds: jax.Array | None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The final-norm hidden states ``(batch, seq, hidden)`` and the updated cache (see ``__call__``)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`.")
+        x = self.model.embed_tokens(input_ids) if input_ids is not None else inputs_embeds
+        assert x is not None
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        batch, length = x.shape[:2]
+        index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
+        keys = cache.capacity if cache is not None else length
+        key_mask = _key_mask(attention_mask, batch, keys)
+        table = None
+        if position_ids is None:  # index + arange: within the keys' range, so cos/sin come from a table
+            position_ids = jnp.broadcast_to(index + jnp.arange(length), (batch, length))
+            table = keys
+        cfg = self.config
+        full = cos_sin(cfg.rope, position_ids, x.dtype, table)
+        local = None if cfg.rope_local is None else cos_sin(cfg.rope_local, position_ids, x.dtype, table)
+        masks = attention_masks(cfg, key_mask, index, length)
+        return self.model(x, (full, local), masks, cache)
+
+    def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
+        """Writes the model as a transformers torch checkpoint (``config.json`` + safetensors, atomic).
+
+        Weights are saved in their dtype (quantized kernels decoded), sharded with
+        ``model.safetensors.index.json`` above ``max_shard_size``; a tied model omits
+        ``lm_head.weight``, as transformers does. ``<torch class>.from_pretrained(directory)`` loads it.
+        """
+        cfg = self.config
+        dtype = self.model.embed_tokens.embedding[...].dtype
+        config = {**cfg.to_dict(), "architectures": [self.torch_class_name], "torch_dtype": jnp.dtype(dtype).name}
+        tensors = torch_tensors(self, cfg.num_hidden_layers, self.model.scan_layers)
+        return hf_checkpoint.write_model(directory, config, tensors, max_shard_size=max_shard_size)
+
+
+class CausalLM(DecoderBase):
     """A decoder-only causal LM of one family (build it with :class:`jpeft.models.AutoModelForCausalLM`).
 
     Attributes:
@@ -131,6 +220,8 @@ class CausalLM(nnx.Module):
       >>> out = model(input_ids, attention_mask=mask)       # out.logits (batch, seq, vocab)
       >>> ids = model.generate(input_ids, attention_mask=mask, max_new_tokens=16)
     """
+
+    task = "CAUSAL_LM"
 
     def __init__(
         self,
@@ -155,22 +246,7 @@ class CausalLM(nnx.Module):
                 rngs=rngs,
             )
         self.dtype = dtype
-        self.name_or_path: str | None = None
-
-    @property
-    def torch_class_name(self) -> str:
-        return self.config.torch_class_name
-
-    def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> KVCache:
-        """An empty key/value cache for ``capacity`` positions (``dtype``: the activations' by default)."""
-        cfg = self.config
-        dtype = dtype or self.dtype or self.model.embed_tokens.embedding[...].dtype
-        shape = (batch_size, capacity, cfg.num_key_value_heads, cfg.head_dim)
-        if self.model.scan_layers:
-            stacked = jnp.zeros((cfg.num_hidden_layers, *shape), dtype)
-            return KVCache(keys=stacked, values=stacked, index=jnp.zeros((), jnp.int32))
-        layers = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
-        return KVCache(keys=layers, values=layers, index=jnp.zeros((), jnp.int32))
+        self.name_or_path = None
 
     def __call__(
         self,
@@ -190,40 +266,15 @@ class CausalLM(nnx.Module):
           position_ids: ``(batch, seq)``; default ``index ... index + seq - 1`` as transformers'
             forward (``generate`` passes ``cumsum(mask) - 1`` for left-padded prompts).
           cache: from :meth:`init_cache` (or a previous output's ``cache``).
-          inputs_embeds: ``(batch, seq, hidden)`` instead of ``input_ids``.
+          inputs_embeds: ``(batch, seq, hidden)`` instead of ``input_ids`` (taken as they are:
+            Gemma's embedding scale is the embedding's, as in transformers 5).
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`.")
-        x = self.model.embed_tokens(input_ids) if input_ids is not None else inputs_embeds
-        assert x is not None
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        batch, length = x.shape[:2]
-        index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
-        keys = cache.capacity if cache is not None else length
-        key_mask = _key_mask(attention_mask, batch, keys)
-        table = None
-        if position_ids is None:  # index + arange: within the keys' range, so cos/sin come from a table
-            position_ids = jnp.broadcast_to(index + jnp.arange(length), (batch, length))
-            table = keys
-        cos, sin = cos_sin(self.config.rope, position_ids, x.dtype, table)
-        masks = attention_masks(self.config, key_mask, index, length)
-        h, cache = self.model(x, cos, sin, masks, cache)
+        h, cache = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds)
         logits = self.model.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = jnp.tanh(logits / cap) * cap
         return CausalLMOutput(logits=logits, cache=cache)
-
-    def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
-        """Writes the model as a transformers torch checkpoint (``config.json`` + safetensors, atomic).
-
-        Weights are saved in their dtype (quantized kernels decoded), sharded with
-        ``model.safetensors.index.json`` above ``max_shard_size``; a tied model omits
-        ``lm_head.weight``, as transformers does. ``<torch class>.from_pretrained(directory)`` loads it.
-        """
-        cfg = self.config
-        dtype = self.model.embed_tokens.embedding[...].dtype
-        config = {**cfg.to_dict(), "architectures": [cfg.torch_class_name], "torch_dtype": jnp.dtype(dtype).name}
-        tensors = torch_tensors(self, cfg.num_hidden_layers, self.model.scan_layers)
-        return hf_checkpoint.write_model(directory, config, tensors, max_shard_size=max_shard_size)
 
     def generate(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, **kwargs: Any) -> jax.Array:
         """Prompt plus new tokens, as transformers' ``generate`` (jitted, with a key/value cache).

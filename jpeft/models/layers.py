@@ -54,16 +54,39 @@ class CausalLMOutput:
 
 
 class RMSNorm(nnx.Module):
-    """transformers' ``LlamaRMSNorm``: normalise in float32, cast back, then scale by ``weight``."""
+    """transformers' ``LlamaRMSNorm``: normalise in float32, cast back, then scale by ``weight``.
 
-    def __init__(self, dim: int, eps: float, *, param_dtype: Any = jnp.float32):
-        self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    With ``offset`` it is Gemma's: the weight is stored as an offset from one (initialised at
+    zero) and ``normed * (1 + weight)`` is taken in float32 before the cast.
+    """
+
+    def __init__(self, dim: int, eps: float, *, param_dtype: Any = jnp.float32, offset: bool = False):
+        self.eps, self.offset = eps, offset
+        self.weight = nnx.Param((jnp.zeros if offset else jnp.ones)((dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * normed.astype(x.dtype)
+
+
+class ScaledEmbed(nnx.Embed):
+    """An embedding whose rows come out multiplied by ``embed_scale`` (Gemma's ``sqrt(hidden_size)``).
+
+    The scale is rounded to the output dtype first, as transformers does; ``attend`` (a tied
+    head) uses the table unscaled. PEFT's LoRA scales an adapter's embedding delta by the same
+    factor (the NNX binding reads ``embed_scale``).
+    """
+
+    def __init__(self, *args: Any, embed_scale: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.embed_scale = embed_scale
+
+    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        out = super().__call__(inputs, *args, **kwargs)
+        return out * jnp.asarray(self.embed_scale, out.dtype)
 
 
 def _linear(cfg: DecoderConfig, fan_in: int, fan_out: int, bias: bool, rngs: nnx.Rngs, dtypes: tuple[Any, Any]) -> nnx.Linear:
@@ -101,20 +124,26 @@ def attention_masks(
     return full[:, None], (None if sliding is None else sliding[:, None])
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, softcap: float | None = None
+) -> jax.Array:
     """Softmax attention of queries ``(B, L, H, D)`` over keys/values ``(B, S, K, D)`` (``H`` a multiple of ``K``).
 
     ``mask`` ``(B, 1, L, S)`` says which keys each query sees. On GPUs/TPUs this is
     ``jax.nn.dot_product_attention`` (cuDNN flash attention where it applies); on the CPU the same
     math as grouped einsums with the scale folded into the queries and an additive mask, which XLA:CPU
     runs with fewer copies (about 15% faster forward and backward). Scores and softmax are float32.
+    ``softcap`` (Gemma 2): scores become ``c * tanh(scores / c)`` before the mask (einsums on
+    every backend).
     """
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" and softcap is None:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
     b, n, h, d = q.shape
     kv = k.shape[2]
     grouped = (q * jnp.asarray(scale, q.dtype)).reshape(b, n, kv, h // kv, d)
     scores = jnp.einsum("blkgd,bskd->bkgls", grouped, k, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, :, None]  # (B, 1, 1, L, S)
     probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
@@ -122,19 +151,40 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with grouped key/value heads, optional q/k norms, RoPE and a cache."""
+    """Multi-head attention with grouped key/value heads, optional q/k norms, RoPE and a cache.
+
+    Projections are ``q_proj``/``k_proj``/``v_proj``, or one fused ``qkv_proj`` whose output rows
+    are ``[q | k | v]`` (Phi-3).
+    """
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, dtypes: tuple[Any, Any]):
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
-        self.q_proj = _linear(cfg, h, self.num_heads * d, cfg.qkv_bias, rngs, dtypes)
-        self.k_proj = _linear(cfg, h, self.num_kv_heads * d, cfg.qkv_bias, rngs, dtypes)
-        self.v_proj = _linear(cfg, h, self.num_kv_heads * d, cfg.qkv_bias, rngs, dtypes)
+        self.fused = cfg.fused_projections
+        if self.fused:
+            self.qkv_proj = _linear(cfg, h, (self.num_heads + 2 * self.num_kv_heads) * d, cfg.qkv_bias, rngs, dtypes)
+        else:
+            self.q_proj = _linear(cfg, h, self.num_heads * d, cfg.qkv_bias, rngs, dtypes)
+            self.k_proj = _linear(cfg, h, self.num_kv_heads * d, cfg.qkv_bias, rngs, dtypes)
+            self.v_proj = _linear(cfg, h, self.num_kv_heads * d, cfg.qkv_bias, rngs, dtypes)
         self.o_proj = _linear(cfg, self.num_heads * d, h, cfg.o_bias, rngs, dtypes)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=dtypes[1])
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=dtypes[1])
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=dtypes[1], offset=cfg.norm_offset)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=dtypes[1], offset=cfg.norm_offset)
         self.qk_norm = cfg.qk_norm
+        self.scale, self.softcap = cfg.attention_scale, cfg.attn_logit_softcapping
+
+    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        b, n, _ = x.shape
+        if self.fused:
+            qkv = self.qkv_proj(x)
+            q_end = self.num_heads * self.head_dim
+            k_end = q_end + self.num_kv_heads * self.head_dim
+            q, k, v = qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, n, self.num_heads, self.head_dim)
+        return q, k.reshape(b, n, self.num_kv_heads, self.head_dim), v.reshape(b, n, self.num_kv_heads, self.head_dim)
 
     def __call__(
         self,
@@ -147,9 +197,7 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Attention output ``(batch, length, hidden)`` and the layer's updated ``(keys, values)`` cache."""
         b, n, _ = x.shape
-        q = self.q_proj(x).reshape(b, n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
+        q, k, v = self._project(x)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -159,32 +207,51 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = attend(q, k, v, mask, self.head_dim**-0.5)
+        out = attend(q, k, v, mask, self.scale, self.softcap)
         return self.o_proj(out.reshape(b, n, self.num_heads * self.head_dim)), kv
 
 
 class MLP(nnx.Module):
-    """``down_proj(act(gate_proj(x)) * up_proj(x))``."""
+    """``down_proj(act(gate_proj(x)) * up_proj(x))``; Phi-3 fuses ``gate_up_proj`` (rows ``[gate | up]``)."""
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, dtypes: tuple[Any, Any]):
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _linear(cfg, h, i, cfg.mlp_bias, rngs, dtypes)
-        self.up_proj = _linear(cfg, h, i, cfg.mlp_bias, rngs, dtypes)
+        self.fused = cfg.fused_projections
+        if self.fused:
+            self.gate_up_proj = _linear(cfg, h, 2 * i, cfg.mlp_bias, rngs, dtypes)
+        else:
+            self.gate_proj = _linear(cfg, h, i, cfg.mlp_bias, rngs, dtypes)
+            self.up_proj = _linear(cfg, h, i, cfg.mlp_bias, rngs, dtypes)
         self.down_proj = _linear(cfg, i, h, cfg.mlp_bias, rngs, dtypes)
         self.act = cfg.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.fused:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+            return self.down_proj(up * ACTIVATIONS[self.act](gate))
         return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
-    """``h = x + attn(input_layernorm(x)); y = h + mlp(post_attention_layernorm(h))``."""
+    """``h = x + attn(input_layernorm(x)); y = h + mlp(post_attention_layernorm(h))``.
+
+    Gemma's sandwich (``sandwich_norms``): ``h = x + post_attention_layernorm(attn(input_layernorm(x)));
+    y = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))``.
+    """
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, dtypes: tuple[Any, Any]):
         self.self_attn = Attention(cfg, rngs=rngs, dtypes=dtypes)
         self.mlp = MLP(cfg, rngs=rngs, dtypes=dtypes)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dtypes[1])
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dtypes[1])
+
+        def norm() -> RMSNorm:
+            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dtypes[1], offset=cfg.norm_offset)
+
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def __call__(
         self,
@@ -196,5 +263,8 @@ class DecoderLayer(nnx.Module):
         index: jax.Array | int,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        if self.sandwich:
+            h = x + self.post_attention_layernorm(attn)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))), kv
         h = x + attn
         return h + self.mlp(self.post_attention_layernorm(h)), kv

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -112,8 +113,15 @@ def fill(
     param_dtype: Any,
     mesh: Mesh | None,
     quantization: QuantizationConfig | None,
+    new_modules: Mapping[str, float] | None = None,
+    ignored: frozenset[str] = frozenset(),
 ) -> nnx.Module:
-    """The module ``abstract`` (from ``nnx.eval_shape``) with every parameter read from ``index``."""
+    """The module ``abstract`` (from ``nnx.eval_shape``) with every parameter read from ``index``.
+
+    ``new_modules``: modules the checkpoint may lack (a classification head on a causal LM's
+    checkpoint), initialised ``normal(std)`` with a warning, as transformers does; ``ignored``:
+    checkpoint tensors this model does not use (the causal LM's ``lm_head.weight``).
+    """
     graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)  # type: ignore[misc]
     plan = leaves(state, num_layers, scan_layers)
     flat = dict(nnx.to_flat_state(state))
@@ -125,9 +133,20 @@ def fill(
             "load with scan_layers=False."
         )
     values = []
+    new_modules = new_modules or {}
     for leaf in plan:
         var = flat[leaf.path]
         shape, dtype = tuple(var.shape), np.dtype(param_dtype)
+        if leaf.module in new_modules and not any(key in index for key in leaf.keys):
+            warnings.warn(
+                f"the checkpoint has no `{leaf.module}` weights: `{leaf.module}` is initialised at random "
+                f"(normal, std {new_modules[leaf.module]}), as transformers does. Train it (PEFT's task_type SEQ_CLS "
+                "puts it in modules_to_save).",
+                stacklevel=3,
+            )
+            init = nnx.initializers.normal(new_modules[leaf.module])(jax.random.key(0), shape, dtype)
+            values.append((leaf.path, nnx.Param(init)))
+            continue
         read = _reader(index, leaf, shape, dtype)
         quantized = quantization is not None and leaf.transpose and len(shape) == 2
         quantized = quantized and not is_skipped(leaf.module, skip)
@@ -152,7 +171,7 @@ def fill(
                 transpose=True,
             )
         values.append((leaf.path, nnx.Param(value)))
-    _check_unused(index, plan, tied)
+    _check_unused(index, plan, tied, ignored)
     return nnx.merge(graphdef, nnx.from_flat_state(values), rest)
 
 
@@ -167,12 +186,15 @@ def _quantize_jit(stored: jax.Array, quant_type: str, blocksize: int, double_qua
     return quantize(stored.T, quant_type, blocksize, double_quant, compute_dtype, transpose=True)
 
 
-def _check_unused(index: TensorIndex, plan: list[Leaf], tied: bool) -> None:
+def _check_unused(index: TensorIndex, plan: list[Leaf], tied: bool, ignored: frozenset[str] = frozenset()) -> None:
     used = {key for leaf in plan for key in leaf.keys}
     extra = [
         name
         for name in index.names
-        if name not in used and not name.endswith(IGNORED_SUFFIXES) and not (tied and name == "lm_head.weight")
+        if name not in used
+        and name not in ignored
+        and not name.endswith(IGNORED_SUFFIXES)
+        and not (tied and name == "lm_head.weight")
     ]
     if extra:
         shown = ", ".join(extra[:8]) + (f", ... ({len(extra)} in all)" if len(extra) > 8 else "")

@@ -71,13 +71,21 @@ def decode(
     top_p: float | None,
     eos_ids: tuple[int, ...],
     pad_id: int,
+    reencode_at: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """``(tokens (batch, prompt + max_new_tokens), steps taken)``: traceable, for use under ``jit``."""
+    """``(tokens (batch, prompt + max_new_tokens), steps taken)``: traceable, for use under ``jit``.
+
+    ``reencode_at``: when the sequence reaches this length during decoding, the step runs the whole
+    sequence on an empty cache instead of one token (transformers' Phi-3 longrope switch).
+    """
     batch, length = input_ids.shape
     capacity = length + max_new_tokens
     mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
     positions = jnp.cumsum(mask, axis=1) - 1
     positions = jnp.where(mask == 0, 1, positions)
+    empty = cache
+    if not reencodes(reencode_at, length, max_new_tokens):
+        reencode_at = None
     logits, cache = forward(input_ids, mask, positions[:, :length], cache)
     key, sub = jax.random.split(key)
     first = _pick(logits[:, -1], sub, do_sample, temperature, top_k, top_p).astype(input_ids.dtype)
@@ -95,15 +103,33 @@ def decode(
         at = length + step - 1
         last = jax.lax.dynamic_slice_in_dim(tokens, at, 1, axis=1)
         pos = jax.lax.dynamic_slice_in_dim(positions, at, 1, axis=1)
-        logits, cache = forward(last, mask[:, :capacity], pos, cache)
+
+        def one_token(cache: Any) -> tuple[jax.Array, Any]:
+            logits, cache = forward(last, mask[:, :capacity], pos, cache)
+            return logits[:, -1], cache
+
+        def whole_sequence(_: Any) -> tuple[jax.Array, Any]:
+            assert reencode_at is not None
+            logits, cache = forward(tokens[:, :reencode_at], mask[:, :capacity], positions[:, :reencode_at], empty)
+            return logits[:, -1], cache
+
+        if reencode_at is None:
+            logits, cache = one_token(cache)
+        else:
+            logits, cache = jax.lax.cond(at + 1 == reencode_at, whole_sequence, one_token, cache)
         key, sub = jax.random.split(key)
-        nxt = _pick(logits[:, -1], sub, do_sample, temperature, top_k, top_p).astype(tokens.dtype)
+        nxt = _pick(logits, sub, do_sample, temperature, top_k, top_p).astype(tokens.dtype)
         nxt = jnp.where(done, pad_id, nxt)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], at + 1, axis=1)
         return step + 1, tokens, cache, done | jnp.isin(nxt, eos), key
 
     steps, tokens, _, _, _ = jax.lax.while_loop(cond, body, (jnp.asarray(1), tokens, cache, done, key))
     return tokens, steps
+
+
+def reencodes(reencode_at: int | None, length: int, max_new_tokens: int) -> bool:
+    """Whether a decode step of a ``length``-token prompt reaches ``reencode_at`` (see :func:`decode`)."""
+    return reencode_at is not None and length < reencode_at <= length + max_new_tokens - 1
 
 
 def check_generate_args(
@@ -140,6 +166,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     key: jax.Array | None = None,
+    reencode_at: int | None = None,
 ) -> jax.Array:
     """Prompt + new tokens for any ``forward`` (runs eagerly around one traced loop; jit the caller).
 
@@ -150,6 +177,7 @@ def generate(
       max_new_tokens: tokens to add; the loop ends earlier when every row produced an EOS.
       do_sample, temperature, top_k, top_p: sampling (``key`` then required).
       eos_token_id: one id or several; ``pad_token_id`` fills finished rows (default: the EOS).
+      reencode_at: the model's ``config.reencode_at`` (see :func:`decode`).
 
     Returns:
       ``(batch, prompt + n)`` token ids, ``n <= max_new_tokens`` as transformers returns them.
@@ -174,6 +202,7 @@ def generate(
         top_p=top_p,
         eos_ids=eos_ids,
         pad_id=int(pad),
+        reencode_at=reencode_at,
     )
     return tokens[:, : input_ids.shape[1] + int(steps)]
 
@@ -182,7 +211,7 @@ def generate(
 def _generate_jitted(
     graphdef: Any, state: Any, input_ids: jax.Array, attention_mask: jax.Array, key: jax.Array, settings: tuple
 ) -> tuple[jax.Array, jax.Array]:
-    max_new_tokens, do_sample, temperature, top_k, top_p, eos_ids, pad_id = settings
+    max_new_tokens, do_sample, temperature, top_k, top_p, eos_ids, pad_id, reencode_at = settings
 
     def forward(ids: jax.Array, mask: jax.Array, pos: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
         # merged inside the loop body: the model's own nnx transforms (scan_layers) trace at this level
@@ -194,7 +223,7 @@ def _generate_jitted(
     return decode(
         forward, cache, input_ids, attention_mask, key,
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_ids=eos_ids, pad_id=pad_id,
+        eos_ids=eos_ids, pad_id=pad_id, reencode_at=reencode_at,
     )
 
 
@@ -223,7 +252,9 @@ def generate_module(
     pad = _pad_id(config.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id, eos_ids)
     input_ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    settings = (int(max_new_tokens), bool(do_sample), float(temperature), top_k, top_p, eos_ids, int(pad))
+    settings = (
+        int(max_new_tokens), bool(do_sample), float(temperature), top_k, top_p, eos_ids, int(pad), config.reencode_at
+    )
     graphdef, state = nnx.split(model)
     tokens, steps = _generate_jitted(graphdef, state, input_ids, mask, key if key is not None else jax.random.key(0), settings)
     return tokens[:, : input_ids.shape[1] + int(steps)]

@@ -96,7 +96,13 @@ def leaf_key(path: Path) -> str:
 def resolve_modules_to_save(
     modules_to_save: Sequence[str] | None, modules: Mapping[str, ModuleInfo]
 ) -> list[str]:
-    return modules_to_save_names(modules_to_save, modules)
+    """PEFT's ``modules_to_save`` matching; a matched module the binding cannot copy raises its refusal."""
+    names = modules_to_save_names(modules_to_save, modules)
+    for name in names:
+        info = modules[name]
+        if info.refusal and not info.param_shapes and info.kind == "other":
+            raise ConfigError(f"modules_to_save: {info.refusal}")
+    return names
 
 
 def init_overrides(

@@ -202,6 +202,8 @@ def layer_forward(
         return (out + result).astype(out.dtype)
     if info.kind == "embedding":
         delta = jnp.take(lora_a, x, axis=0) @ lora_b * s
+        if info.output_scale != 1.0:  # the base scales its rows after the lookup (Gemma); PEFT scales the delta too
+            delta = delta * jnp.asarray(info.output_scale, delta.dtype)
         if config.use_dora:
             weight = module_params[info.weight_name]
             norm = jax.lax.stop_gradient(lora_init.dora_weight_norm(weight, lora_a, lora_b, s))
@@ -288,6 +290,8 @@ def mixed_batch_forward(
     if first.kind == "embedding":
         rows = stacked_a[index[:, None], x.reshape(x.shape[0], -1)]  # (batch, tokens, rank)
         delta = jnp.einsum("btr,bro->bto", rows, b).reshape(*x.shape, -1)
+        if first.output_scale != 1.0:
+            delta = delta * jnp.asarray(first.output_scale, delta.dtype)
     else:
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).astype(dtype)
         delta = jnp.einsum("bti,bir,bro->bto", flat, stacked_a[index], b).reshape(*x.shape[:-1], -1)

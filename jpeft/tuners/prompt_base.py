@@ -286,9 +286,11 @@ def prepare_virtual_tokens(config: PromptLearningConfig, binding: Any) -> Virtua
 
 def word_embedding_rows(plan: VirtualTokenPlan, base_params: Any, ids: Any) -> Any:
     """``word_embeddings(ids)`` in float32, as PEFT's SAMPLE_VOCAB/TEXT inits read it (scale included)."""
-    table = get_path(base_params, plan.modules[plan.word_embeddings].weight_path)
+    info = plan.modules[plan.word_embeddings]
+    table = get_path(base_params, info.weight_path)
     rows = jnp.take(table, jnp.asarray(ids), axis=0).astype(jnp.float32)
-    return rows * plan.embed_scale if plan.embed_scale != 1.0 else rows
+    scale = plan.embed_scale * info.output_scale  # Flax's scale after the lookup, or the module's own (Gemma)
+    return rows * scale if scale != 1.0 else rows
 
 
 def virtual_token_loss_batch(plan: VirtualTokenPlan, batch: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -52,15 +52,40 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
              rope_theta=1000000.0),
     ),
     "qwen3": ("qwen3", dict(BASE, head_dim=16, attention_bias=True, rope_theta=1000000.0)),
+    # Gemma 2: even layers slide; caps small enough to bite; query_pre_attn_scalar != head_dim
+    "gemma2": (
+        "gemma2",
+        dict(BASE, head_dim=16, sliding_window=3, query_pre_attn_scalar=12, attn_logit_softcapping=0.5,
+             final_logit_softcapping=2.0, pad_token_id=0),
+    ),
+    # Gemma 3: layers 0 and 2 slide (pattern 2) with the local base; global layers linear-scaled
+    "gemma3": (
+        "gemma3_text",
+        dict(BASE, num_hidden_layers=3, head_dim=16, sliding_window=3, sliding_window_pattern=2,
+             query_pre_attn_scalar=12, rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_local_base_freq=100.0,
+             attention_bias=True, pad_token_id=0),
+    ),
+    # Phi-3: fused projections, half the channels rotate, longrope switching at 8 (generation passes it)
+    "phi3": (
+        "phi3",
+        dict(BASE, partial_rotary_factor=0.5, max_position_embeddings=32, original_max_position_embeddings=8,
+             rope_scaling={"type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 3.0]},
+             sliding_window=5, pad_token_id=0),
+    ),
 }
+# Phi-3 for the method tests: the sequences stay below the longrope switch (prompt methods refuse to pass it)
+CONFIGS["phi3-short"] = ("phi3", dict(CONFIGS["phi3"][1], max_position_embeddings=64, original_max_position_embeddings=32))
 # longrope's factors have head_dim/2 entries: make its head_dim 4
 CONFIGS["llama-longrope"][1].update(num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=16,
                                      original_max_position_embeddings=8)
 CONFIGS["llama-dynamic"][1].update(max_position_embeddings=12)  # the test sequences run past it
 
 TORCH_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
-CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM"}
+CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+                  "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config"}
+SEQ_CLS_CLASSES = {"gemma3_text": "Gemma3TextForSequenceClassification"}
 
 
 def torch_config(name: str) -> Any:
@@ -70,15 +95,23 @@ def torch_config(name: str) -> Any:
     return getattr(transformers, CONFIG_CLASSES[model_type])(**fields)
 
 
-def torch_model(name: str, seed: int = 0) -> Any:
-    """transformers' torch class of ``name`` with random weights (norms perturbed too), eager, eval."""
+def torch_model(name: str, seed: int = 0, head: str = "causal") -> Any:
+    """transformers' torch class of ``name`` with random weights (norms perturbed too), eager, eval.
+
+    ``head="seq_cls"``: its ``...ForSequenceClassification`` class (3 labels, pad id 0).
+    """
     import torch
     import transformers
 
     torch.manual_seed(seed)
     config = torch_config(name)
     config._attn_implementation = "eager"
-    model = getattr(transformers, TORCH_CLASSES[CONFIGS[name][0]])(config).eval()
+    model_type = CONFIGS[name][0]
+    cls = TORCH_CLASSES[model_type]
+    if head == "seq_cls":
+        config.num_labels, config.pad_token_id = 3, 0
+        cls = SEQ_CLS_CLASSES.get(model_type, cls.replace("ForCausalLM", "ForSequenceClassification"))
+    model = getattr(transformers, cls)(config).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
@@ -89,12 +122,30 @@ def torch_model(name: str, seed: int = 0) -> Any:
 
 
 @functools.cache
-def saved(name: str, root: str) -> Path:
-    """``torch_model(name)`` saved with ``save_pretrained`` under ``root`` (once per session)."""
-    folder = Path(root) / name
+def saved(name: str, root: str, head: str = "causal") -> Path:
+    """``torch_model(name, head=head)`` saved with ``save_pretrained`` under ``root`` (once per session)."""
+    folder = Path(root) / f"{name}-{head}"
     if not (folder / "config.json").exists():
-        torch_model(name).save_pretrained(folder)
+        torch_model(name, head=head).save_pretrained(folder)
     return folder
+
+
+def torch_greedy(model: Any, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    """Greedy tokens by re-running the whole sequence each step (transformers' ``generate`` positions).
+
+    transformers 5's Phi-3 ``generate`` re-encodes the sequence when it passes longrope's switch
+    length, which equals this; 4.57's re-encoding drops the causal mask (its bug), so Phi-3 is
+    compared with this loop.
+    """
+    import torch
+
+    cur, cur_mask = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            pos = (cur_mask.cumsum(-1) - 1).masked_fill(cur_mask == 0, 1)
+            nxt = model(input_ids=cur, attention_mask=cur_mask, position_ids=pos).logits[:, -1].argmax(-1, keepdim=True)
+            cur, cur_mask = torch.cat([cur, nxt], 1), torch.cat([cur_mask, torch.ones_like(nxt)], 1)
+    return cur.numpy()
 
 
 def inputs(batch: int = 2, length: int = 10, vocab: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -41,6 +41,11 @@ def test_logits_and_greedy_generation_match_torch(name, root, record_property):
     record_property("logits_max_abs_diff", diff)
 
     prompt_ids, prompt_mask = ids[:, :8], mask[:, :8]
+    if model.config.reencode_at is not None:  # Phi-3 longrope: see fam.torch_greedy
+        theirs = fam.torch_greedy(torch_model, prompt_ids, prompt_mask, 16)
+        mine = np.asarray(model.generate(prompt_ids, attention_mask=prompt_mask, max_new_tokens=16, eos_token_id=None))
+        np.testing.assert_array_equal(mine, theirs, err_msg=f"{name}: greedy generation")
+        return
     with torch.no_grad():
         theirs = torch_model.generate(
             input_ids=torch.from_numpy(prompt_ids).long(),
@@ -159,3 +164,35 @@ def test_checkpoint_that_does_not_fit_its_config_is_refused(root, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="model.layers.2"):
         jpeft.models.AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "model_type,field,value,match",
+    [
+        ("phi3", "resid_pdrop", 0.1, "resid_pdrop"),
+        ("phi3", "rope_scaling", {"type": "linear", "factor": 2.0}, "longrope"),
+        ("gemma2", "query_pre_attn_scalar", "256", "query_pre_attn_scalar"),
+        ("gemma2", "hidden_activation", "mish", "hidden_activation"),
+        ("llama", "final_logit_softcapping", 30.0, "final_logit_softcapping"),
+        ("gemma3_text", "use_bidirectional_attention", True, "bidirectional"),
+    ],
+)
+def test_new_family_fields_fail_loud(model_type, field, value, match):
+    raw = {**fam.BASE, "model_type": model_type, "head_dim": 8, field: value}
+    with pytest.raises(ConfigError, match=match):
+        jpeft.models.AutoModelForCausalLM.from_config(raw)
+
+
+def test_gemma3_reads_both_rope_layouts_and_says_it_ignores_the_attention_cap():
+    old = {**fam.CONFIGS["gemma3"][1], "model_type": "gemma3_text"}
+    new = {k: v for k, v in old.items() if k not in ("rope_scaling", "rope_local_base_freq")}
+    new["rope_parameters"] = {  # transformers 5's layout
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+    }
+    a, b = jpeft.models.config_from(old), jpeft.models.config_from(new)
+    assert (a.rope, a.rope_local) == (b.rope, b.rope_local)
+    assert a.rope.rope_type == "linear" and a.rope_local is not None and a.rope_local.base == 100.0
+    assert a.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+    with pytest.warns(UserWarning, match="never applies"):
+        jpeft.models.config_from({**old, "attn_logit_softcapping": 50.0})

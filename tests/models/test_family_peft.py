@@ -20,7 +20,10 @@ from tests import parity
 from tests.bindings.test_nnx import CONFIGS as LAYER_CONFIGS
 from tests.models import families as fam
 
-FAMILIES = ("llama-llama3", "qwen3")
+FAMILIES = ("llama-llama3", "qwen3", "gemma3", "phi3-short")
+# Phi-3 keeps q/k/v and gate/up fused: PEFT (and jpeft) target the fused names
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj"}
 PROMPT_CONFIGS: dict[str, tuple[str, dict]] = {
     "prompt-tuning": ("PROMPT_TUNING", dict(task_type="CAUSAL_LM", num_virtual_tokens=3)),
     "p-tuning": ("P_TUNING", dict(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16)),
@@ -33,6 +36,8 @@ PROMPT_CONFIGS: dict[str, tuple[str, dict]] = {
 CASES = [
     *((row, "llama-llama3") for row in LAYER_CONFIGS),
     *((row, "qwen3") for row in ("lora", "ia3", "vera", "adalora", "loha", "lora-dora")),
+    # every method on Gemma 3 (scaled embedding, sandwich norms, q/k norms, two ropes) and Phi-3 (fused)
+    *((row, family) for row in LAYER_CONFIGS for family in ("gemma3", "phi3-short")),
     *((row, family) for row in PROMPT_CONFIGS for family in FAMILIES),
     # scan_layers=True: stacked blocks, adapters carried through the scan, per-layer PEFT keys
     *((row, "qwen3-scan") for row in ("lora", "ia3", "prefix-tuning")),
@@ -42,6 +47,27 @@ CASES = [
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("family-peft"))
+
+
+def _for_family(kwargs: dict, family: str) -> dict:
+    """A method row's config for ``family``: Phi-3's fused module names in place of q/k/v/gate/up; Gemma's
+    tied head out of ``modules_to_save``."""
+
+    def rename(names):
+        return list(dict.fromkeys(FUSED.get(n, n) for n in names))
+
+    out = dict(kwargs)
+    if family.startswith("gemma") and out.get("modules_to_save") == ["lm_head"]:
+        out["modules_to_save"] = ["norm"]  # Gemma ties lm_head to embed_tokens: jpeft refuses to copy it (tested)
+    if not family.startswith("phi3"):
+        return out
+    for field in ("target_modules", "feedforward_modules"):
+        if isinstance(out.get(field), list):
+            out[field] = rename(out[field])
+    for field in ("rank_pattern", "alpha_pattern"):
+        if out.get(field):
+            out[field] = {FUSED.get(k, k): v for k, v in out[field].items()}
+    return out
 
 
 def _logits(model, ids, mask) -> np.ndarray:
@@ -62,7 +88,7 @@ def test_method_parity_with_torch_peft(row, family, root, tmp_path, record_prope
 
     peft_type, kwargs = {**LAYER_CONFIGS, **PROMPT_CONFIGS}[row]
     prompt = row in PROMPT_CONFIGS
-    torch_config, jpeft_config = parity.method_configs(peft_type, **kwargs)
+    torch_config, jpeft_config = parity.method_configs(peft_type, **_for_family(kwargs, family))
     scan = family.endswith("-scan")
     family = family.removesuffix("-scan")
     model = jpeft.models.AutoModelForCausalLM.from_pretrained(fam.saved(family, root), scan_layers=scan)
@@ -109,7 +135,7 @@ def _same_generation(torch_model, peft_model, ids, mask, what) -> None:
             input_ids=torch.from_numpy(ids[:, :6]).long(), attention_mask=torch.from_numpy(mask[:, :6]).long(),
             max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0,
         ).numpy()
-    mine = np.asarray(peft_model.generate(ids[:, :6], attention_mask=mask[:, :6], max_new_tokens=16))
+    mine = np.asarray(peft_model.generate(ids[:, :6], attention_mask=mask[:, :6], max_new_tokens=16, eos_token_id=None))
     np.testing.assert_array_equal(mine, theirs, err_msg=f"{what}: greedy generation")
 
 
@@ -143,3 +169,15 @@ def test_lora_generation_and_mixed_batches_match_torch_peft(root, tmp_path):
     torch_model.set_adapter("b")
     mine.set_adapter("b")
     _same_generation(torch_model, mine, ids, mask, "lora b")
+
+
+def test_tied_lm_head_in_modules_to_save_and_prompt_generation_past_the_longrope_switch_are_refused(root):
+    gemma = jpeft.models.AutoModelForCausalLM.from_pretrained(fam.saved("gemma3", root))
+    with pytest.raises(jpeft.ConfigError, match="tied to model.embed_tokens"):
+        jpeft.get_peft_model(gemma, jpeft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    phi3 = jpeft.models.AutoModelForCausalLM.from_pretrained(fam.saved("phi3", root))
+    tuned = jpeft.get_peft_model(phi3, jpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    ids, mask = fam.inputs(length=6)
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        tuned.generate(ids, attention_mask=mask, max_new_tokens=8)
+    assert tuned.generate(ids, attention_mask=mask, max_new_tokens=2).shape == (2, 8)
