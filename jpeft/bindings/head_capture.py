@@ -27,6 +27,7 @@ class HeadCall:
     bias: Any = None
     dtype: Any = None
     precision: Any = None
+    softcap: float | None = None  # the model soft-caps the head's output (the loss does it instead)
 
     def returned(self, logits: Any) -> bool:
         """Whether the model returned the head's output unchanged as ``logits`` (nothing applied after it)."""

@@ -256,8 +256,8 @@ class NNXBinding:
                 if model.config.tie_word_embeddings:
                     self.tied_embedding_names = frozenset({"model.embed_tokens"})
                     self.modules = {**self.modules, "lm_head": _tied_head_info()}
-                # the logits are lm_head's output, unchanged (unless soft-capped: then the plain loss)
-                self.head_output_is_logits = model.config.final_logit_softcapping is None
+                # the logits are lm_head's output (Gemma's soft-cap moves into the fused loss: _capture_head)
+                self.head_output_is_logits = True
             else:  # a classification head: no vocabulary logits
                 self.output_embedding_names = frozenset()
         self.buffer_paths: frozenset[Path] = frozenset()
@@ -431,15 +431,26 @@ class NNXBinding:
             return model(*args, **kwargs)
 
     def _capture_head(self, model: nnx.Module, names: frozenset[str]) -> None:
-        """For the fused loss: the family model's head (``lm_head``, or a tied embedding's ``attend``) returns its input."""
+        """For the fused loss: the family model's head (``lm_head``, or a tied embedding's ``attend``) returns its input.
+
+        A final soft-cap (Gemma) is handed to the loss with the head's weights, and the model skips it.
+        """
+        captured = False
         if "lm_head" in self._layer_paths:
             if "lm_head" not in names:
                 head = _find(model, self._layer_paths["lm_head"])
                 head.__class__ = _capturing_class(type(head), "__call__")
+                captured = True
         elif self.tied_embedding_names and not self.tied_embedding_names & names:
             (name,) = self.tied_embedding_names
             table = _find(model, self._layer_paths[name])
             table.__class__ = _capturing_class(type(table), "attend")
+            captured = True
+        call = head_capture.active()
+        cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+        if captured and call is not None and cap is not None:
+            call.softcap = float(cap)
+            model.apply_final_softcap = False  # type: ignore[attr-defined]
 
     def _install(self, model: nnx.Module, name: str, carried: PyTree | None) -> None:
         nnx_path = self._layer_paths.get(name)

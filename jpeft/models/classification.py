@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jpeft.models.config import DecoderConfig
-from jpeft.models.decoder import DecoderBase, DecoderModel
+from jpeft.models.decoder import DecoderBase, DecoderModel, head
 from jpeft.models.layers import KVCache
 
 # transformers' class per family where it is not ``<X>ForCausalLM`` with the suffix changed
@@ -81,15 +81,7 @@ class SequenceClassification(DecoderBase):
     ):
         self.config = config
         self.model = DecoderModel(config, rngs=rngs, dtypes=(dtype, param_dtype), scan_layers=scan_layers)
-        self.score = nnx.Linear(
-            config.hidden_size,
-            config.num_labels,
-            use_bias=False,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=nnx.initializers.normal(config.initializer_range),
-            rngs=rngs,
-        )
+        self.score = head(config, config.num_labels, (dtype, param_dtype), rngs)
         self.dtype = dtype
         self.name_or_path = None
 

@@ -134,6 +134,19 @@ class DecoderModel(nnx.Module):
         return step_cached(self.layers, x, flags, cache.keys, cache.values)
 
 
+def head(config: DecoderConfig, features: int, dtypes: tuple[Any, Any], rngs: nnx.Rngs) -> nnx.Linear:
+    """A bias-free output projection from the hidden size (``lm_head``, ``score``), normal-initialised."""
+    return nnx.Linear(
+        config.hidden_size,
+        features,
+        use_bias=False,
+        dtype=dtypes[0],
+        param_dtype=dtypes[1],
+        kernel_init=nnx.initializers.normal(config.initializer_range),
+        rngs=rngs,
+    )
+
+
 class DecoderBase(nnx.Module):
     """What every head over :class:`DecoderModel` shares: inputs, positions, masks, cache, saving.
 
@@ -222,6 +235,8 @@ class CausalLM(DecoderBase):
     """
 
     task = "CAUSAL_LM"
+    # False while a fused loss computes the logits itself (it then applies the soft-cap chunk by chunk)
+    apply_final_softcap = True
 
     def __init__(
         self,
@@ -236,15 +251,7 @@ class CausalLM(DecoderBase):
         dtypes = (dtype, param_dtype)
         self.model = DecoderModel(config, rngs=rngs, dtypes=dtypes, scan_layers=scan_layers)
         if not config.tie_word_embeddings:
-            self.lm_head = nnx.Linear(
-                config.hidden_size,
-                config.vocab_size,
-                use_bias=False,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                kernel_init=nnx.initializers.normal(config.initializer_range),
-                rngs=rngs,
-            )
+            self.lm_head = head(config, config.vocab_size, dtypes, rngs)
         self.dtype = dtype
         self.name_or_path = None
 
@@ -272,7 +279,7 @@ class CausalLM(DecoderBase):
         h, cache = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds)
         logits = self.model.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
         cap = self.config.final_logit_softcapping
-        if cap is not None:
+        if cap is not None and self.apply_final_softcap:
             logits = jnp.tanh(logits / cap) * cap
         return CausalLMOutput(logits=logits, cache=cache)
 

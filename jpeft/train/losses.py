@@ -113,6 +113,7 @@ def fused_causal_lm_loss(
     vocab_chunk_size: int | None = None,
     grad_scale: jax.Array | float | None = None,
     vocab_major: bool = False,
+    softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`causal_lm_loss` of ``hidden @ kernel + bias``, without materialising the logits.
 
@@ -151,6 +152,8 @@ def fused_causal_lm_loss(
       vocab_major: work on ``kernel.T``, i.e. ``(vocab, features)``: set it when ``kernel`` is a
         tied embedding table transposed (then ``kernel.T`` costs nothing, while ``kernel`` itself
         would be copied). Speed only; the result is the same.
+      softcap: the logits are ``softcap * tanh(logits / softcap)`` (Gemma's final soft-cap), applied
+        chunk by chunk like the head itself.
 
     Returns:
       ``(sum of token losses, number of counted tokens)``, as :func:`causal_lm_loss`.
@@ -180,7 +183,9 @@ def fused_causal_lm_loss(
     grad_weight = jnp.asarray(1.0 if grad_scale is None else grad_scale, jnp.float32) / jnp.maximum(
         count, 1.0
     )
-    total = _linear_cross_entropy(compute_dtype, precision, chunk_size, width, vocab_major)(
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"`softcap` must be > 0 or None, got {softcap!r}.")
+    total = _linear_cross_entropy(compute_dtype, precision, chunk_size, width, vocab_major, softcap)(
         hidden, kernel, bias, targets, weights, jax.lax.stop_gradient(grad_weight)
     )
     return total, count
@@ -194,8 +199,22 @@ def _even_chunk(vocab: int, most: int) -> int:
     return min(vocab, math.ceil(math.ceil(vocab / chunks) / 8) * 8)
 
 
-def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, width: int, vocab_major: bool) -> Any:
-    """``f(hidden, kernel, bias, targets, weights, grad_weight) -> sum of weighted token CE``, custom VJP."""
+def _linear_cross_entropy(
+    dtype: Any, precision: Any, chunk: int, width: int, vocab_major: bool, softcap: float | None = None
+) -> Any:
+    """``f(hidden, kernel, bias, targets, weights, grad_weight) -> sum of weighted token CE``, custom VJP.
+
+    With ``softcap`` the logits ``z`` become ``c * tanh(z / c)`` and their gradients take the factor
+    ``1 - tanh(z / c) ** 2``.
+    """
+
+    def cap(logits: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """``(capped float32 logits, d capped / d logits or None)``."""
+        logits = logits.astype(jnp.float32)
+        if softcap is None:
+            return logits, None
+        t = jnp.tanh(logits / softcap)
+        return t * softcap, 1.0 - t * t
 
     def stream(hidden, kernel, bias, targets, weights, grad_weight, need_hidden):
         """Frozen head: online softmax over vocabulary chunks; ``(total, d_hidden or None)``."""
@@ -219,7 +238,7 @@ def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, width: int, vo
             logits = dots.dot(x, w_chunk, fwd_dims, precision)
             if b is not None:
                 logits = logits + lax.dynamic_slice_in_dim(b, start, width)
-            logits = logits.astype(jnp.float32)
+            logits, slope = cap(logits)
             if overlap:
                 fresh = start + lax.broadcasted_iota(jnp.int32, (1, width), 1) >= i * width
                 logits = jnp.where(fresh, logits, -jnp.inf)
@@ -229,7 +248,7 @@ def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, width: int, vo
             total_exp = total_exp * rescale + jnp.sum(exp, axis=-1)
             if need_hidden:
                 acc = acc * rescale[:, None] + lax.dot_general(
-                    exp.astype(dtype),
+                    (exp if slope is None else exp * slope).astype(dtype),
                     w_chunk,
                     bwd_dims,
                     precision=precision,
@@ -250,10 +269,13 @@ def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, width: int, vo
         picked = jnp.sum(x.astype(jnp.float32) * w_target, axis=-1).astype(dtype)
         if b is not None:
             picked = picked + b[t]
-        total = jnp.sum((lse - picked.astype(jnp.float32)) * wt)
+        picked, target_slope = cap(picked)
+        total = jnp.sum((lse - picked) * wt)
         d_hidden = None
         if need_hidden:
             assert acc is not None  # carried through the scan exactly when need_hidden
+            if target_slope is not None:
+                w_target = w_target * target_slope[:, None]
             d_hidden = (acc / total_exp[:, None] - w_target) * (wt * grad_weight)[:, None]
             d_hidden = d_hidden.reshape(batch, length, features)
         return total, d_hidden
@@ -282,7 +304,7 @@ def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, width: int, vo
             logits = dots.dot(h.astype(dtype), w, fwd_dims, precision)
             if b is not None:
                 logits = logits + b
-            logits = logits.astype(jnp.float32)
+            logits, slope = cap(logits)
             lse = jax.nn.logsumexp(logits, axis=-1)
             picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
             total = total + jnp.sum((lse - picked) * wt)
@@ -290,6 +312,8 @@ def _linear_cross_entropy(dtype: Any, precision: Any, chunk: int, width: int, vo
             if need_grad:
                 onehot = lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
                 d_logits = (jnp.exp(logits - lse[..., None]) - onehot) * (wt * grad_weight)[..., None]
+                if slope is not None:
+                    d_logits = d_logits * slope
                 d_logits = d_logits.astype(dtype)
                 if need_hidden:
                     d_hidden = dots.dot(d_logits, w, bwd_dims, precision)

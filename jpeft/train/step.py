@@ -232,6 +232,7 @@ def make_train_step(
                     precision=head.precision,
                     grad_scale=scale,
                     vocab_major=tied_head,
+                    softcap=head.softcap,
                     chunk_size=None if fused_loss_tokens is None else fused_loss_tokens // labels.shape[0],
                     vocab_chunk_size=fused_loss_vocab_chunk,
                 )

@@ -88,6 +88,31 @@ def test_frozen_head_walks_the_vocabulary_and_equals_plain(vocab_chunk_size, voc
     np.testing.assert_allclose(jax.jit(fused_mean)(hidden), want[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("trained_head", [True, False])  # sliced positions; the frozen head's vocabulary walk
+def test_soft_capped_fused_loss_equals_plain(trained_head):
+    """Gemma's final soft-cap ``c * tanh(z / c)``, applied chunk by chunk: value and gradients as the plain loss."""
+    hidden, kernel, bias, labels, mask = _problem(seed=4)
+    hidden, cap = hidden * 3.0, 2.0  # logits well past the cap, so tanh bends them
+
+    def plain(h, k):
+        return mean_loss(causal_lm_loss(jnp.tanh((h @ k + bias) / cap) * cap, labels, mask))
+
+    def fused(h, k):
+        total, count = fused_causal_lm_loss(
+            h, k, labels, mask, bias=bias, softcap=cap, chunk_size=4, vocab_chunk_size=16, grad_scale=0.5
+        )
+        return total / count
+
+    argnums = (0, 1) if trained_head else 0
+    want = jax.value_and_grad(plain, argnums=argnums)(hidden, kernel)
+    got = jax.jit(jax.value_and_grad(fused, argnums=argnums))(hidden, kernel)
+    assert abs(float(want[0]) - float(_plain_mean(hidden, kernel, bias, labels, mask))) > 0.1  # the cap matters
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        assert float(jnp.max(jnp.abs(w))) > 1e-3
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-6)
+
+
 def test_vocab_chunks_are_even_and_bounded():
     from jpeft.train import losses
 
@@ -189,6 +214,26 @@ def test_train_step_fused_loss_equals_plain(arch, tiny):
     _assert_same_step(peft_model, batch)  # one slice
     # micro-batches of 2 x 8, 3 positions a slice: 3 slices, the last one padded
     _assert_same_step(peft_model, batch, grad_accum_steps=2, fused_loss_tokens=6)
+
+
+def test_train_step_fused_loss_on_gemma2_applies_the_final_soft_cap(monkeypatch):
+    """jpeft's Gemma 2 (tied head, final soft-cap): the fused step hands the cap to the loss, as the plain step."""
+    raw = dict(model_type="gemma2", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+               sliding_window=3, final_logit_softcapping=0.5, initializer_range=0.5)
+    model = jpeft.models.AutoModelForCausalLM.from_config(raw, key=1)
+    peft_model = jpeft.get_peft_model(model, jpeft.LoraConfig(r=4, target_modules=None, init_lora_weights=False))
+    ids = jax.random.randint(jax.random.key(2), (2, 12), 3, 96)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids).at[0, -2:].set(0)}
+    logits = peft_model(ids).logits
+    assert float(jnp.max(jnp.abs(logits))) <= 0.5  # the model caps its logits
+    from jpeft.train import losses
+
+    caps = []
+    fused = losses.fused_causal_lm_loss
+    monkeypatch.setattr(losses, "fused_causal_lm_loss", lambda *a, **k: caps.append(k["softcap"]) or fused(*a, **k))
+    _assert_same_step(peft_model, batch)
+    assert caps == [0.5], caps  # the fused path ran (no fallback), with the model's cap
 
 
 def test_train_step_fused_loss_trains_a_saved_head(tiny):
