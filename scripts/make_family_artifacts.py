@@ -200,6 +200,15 @@ def check_score_saved(folder: Path, base_score: np.ndarray) -> None:
         raise SystemExit(f"{folder}: the adapter's score equals the base's, so loading it would prove nothing")
 
 
+def write_base(out: Path, name: str, model: Any, ids: np.ndarray, mask: np.ndarray,
+               extra: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Saves ``model`` as ``<name>/base`` with its logits; returns ``(logits, its case)``."""
+    model.save_pretrained(out / name / "base")
+    base = logits(model, ids, mask)
+    save_npy(out / name / "base.npy", base)
+    return base, dict(extra, name=f"{name}/base", model=f"{name}/base", logits=f"{name}/base.npy")
+
+
 def write_adapters(out: Path, family: str, model: Any, adapters: list[tuple[str, Any, bool]], ids: np.ndarray,
                    mask: np.ndarray, base: np.ndarray, extra: dict[str, Any]) -> list[dict[str, Any]]:
     """Each adapter (perturbed), its logits and, if asked, its merged export with theirs; returns the cases."""
@@ -236,10 +245,8 @@ def write(out: Path) -> list[dict[str, Any]]:
         folder = out / family
         extra: dict[str, Any] = dict(attention=["eager"]) if family in EAGER_ONLY else {}
         model = base_model(fields, seed)
-        model.save_pretrained(folder / "base")
-        base = logits(model, ids, mask)
-        save_npy(folder / "base.npy", base)
-        cases.append(dict(extra, name=f"{family}/base", model=f"{family}/base", logits=f"{family}/base.npy"))
+        base, case = write_base(out, family, model, ids, mask, extra)
+        cases.append(case)
         lora = dict(LORA, target_modules=LORA_TARGETS.get(family, LORA["target_modules"]))
         adapters = [("lora", jpeft.LoraConfig(**lora), True)]
         adapters += [(name, config, merge) for fam, name, config, merge in EXTRAS if fam == family]
@@ -272,12 +279,10 @@ def write_seq_cls(out: Path) -> list[dict[str, Any]]:
         fields = dict(FAMILIES[family], pad_token_id=0)
         auto = jpeft.models.AutoModelForSequenceClassification
         model = base_model(fields, seed, auto, num_labels=NUM_LABELS)
-        model.save_pretrained(out / name / "base")
-        base = logits(model, ids, mask)
+        base, case = write_base(out, name, model, ids, mask, extra)
         if base.shape != (2, NUM_LABELS):
             raise SystemExit(f"{name}: logits of shape {base.shape}, not (2, {NUM_LABELS})")
-        save_npy(out / name / "base.npy", base)
-        cases.append(dict(extra, name=f"{name}/base", model=f"{name}/base", logits=f"{name}/base.npy"))
+        cases.append(case)
         adapters = [("lora", jpeft.LoraConfig(**SEQ_CLS_LORA), True)]
         cases += write_adapters(out, name, model, adapters, ids, mask, base, extra)
         print(f"{name}: base, lora written", flush=True)

@@ -77,13 +77,17 @@ def _with_labels(cfg: DecoderConfig, num_labels: int | None) -> DecoderConfig:
 
 
 def _from_config(
-    cls: type[DecoderBase], config: Any, key: Any, dtype: Any, param_dtype: Any, scan_layers: bool, **changes: Any
+    cls: type[DecoderBase],
+    config: Any,
+    key: Any,
+    dtype: Any,
+    param_dtype: Any,
+    scan_layers: bool,
+    num_labels: int | None = None,
 ) -> Any:
-    cfg = config_from(config)
-    if changes.get("num_labels") is not None:
-        cfg = _with_labels(cfg, changes["num_labels"])
+    cfg = _with_labels(config_from(config), num_labels)
     dtype, param_dtype = _dtype(dtype), _dtype(param_dtype)
-    return cls(  # type: ignore[call-arg]
+    return cls(
         cfg, rngs=nnx.Rngs(key), dtype=dtype, param_dtype=param_dtype or dtype or jnp.float32, scan_layers=scan_layers
     )
 
@@ -108,7 +112,7 @@ def _from_pretrained(
     param_dtype = param_dtype or dtype or jnp.float32
     index = hf_checkpoint.open_checkpoint(folder)
     abstract = nnx.eval_shape(
-        lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)  # type: ignore[call-arg]
+        lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
     )
     classifier = cls is SequenceClassification
     model = fill(

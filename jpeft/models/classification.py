@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jpeft.models.config import DecoderConfig
-from jpeft.models.decoder import DecoderBase, DecoderModel, head
+from jpeft.models.decoder import DecoderBase, head
 from jpeft.models.layers import KVCache
 
 # transformers' class per family where it is not ``<X>ForCausalLM`` with the suffix changed
@@ -79,11 +79,8 @@ class SequenceClassification(DecoderBase):
         param_dtype: Any = jnp.float32,
         scan_layers: bool = False,
     ):
-        self.config = config
-        self.model = DecoderModel(config, rngs=rngs, dtypes=(dtype, param_dtype), scan_layers=scan_layers)
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
         self.score = head(config, config.num_labels, (dtype, param_dtype), rngs)
-        self.dtype = dtype
-        self.name_or_path = None
 
     @property
     def torch_class_name(self) -> str:

@@ -274,14 +274,16 @@ def build(
     sliding_pattern: int | None = None,
     defaults: Mapping[str, Any] | None = None,
     act_field: str = "hidden_act",
-    rope: Rope | None = None,
+    rope_fields_of: tuple[float, Mapping[str, Any] | None] | None = None,
+    local_rope_fields: tuple[float, Mapping[str, Any] | None] | None = None,
     **family: Any,
 ) -> DecoderConfig:
     """The checked :class:`DecoderConfig` of one family's ``config.json`` (its defaults in ``defaults``).
 
-    ``act_field`` names the activation's field (Gemma reads ``hidden_activation``); ``rope``
-    replaces the rotary setup read from the usual fields; ``family`` sets the remaining
-    :class:`DecoderConfig` flags (``norm_offset=True``, ...).
+    ``act_field`` names the activation's field (Gemma reads ``hidden_activation``);
+    ``rope_fields_of`` is ``(rope_theta, rope_scaling)`` when not the usual fields' (:func:`rope_fields`),
+    ``local_rope_fields`` the same for the sliding layers when they rotate differently (Gemma 3);
+    ``family`` sets the remaining :class:`DecoderConfig` flags (``norm_offset=True``, ...).
     """
     raw = {**(defaults or {}), **raw}
     heads = _int(raw, "num_attention_heads")
@@ -294,9 +296,9 @@ def build(
     head_dim = raw.get("head_dim") or head_dim_default or hidden // heads
     layers = _int(raw, "num_hidden_layers")
     max_pos = _int(raw, "max_position_embeddings")
-    if rope is None:
-        theta, scaling = rope_fields(raw)
-        rope = rope_from_config(
+
+    def rope_of(theta: float, scaling: Mapping[str, Any] | None) -> Rope:
+        return rope_from_config(
             rope_theta=theta,
             rope_scaling=scaling,
             head_dim=int(head_dim),
@@ -304,6 +306,9 @@ def build(
             partial_rotary_factor=float(raw.get("partial_rotary_factor", 1.0)),
             original_max_position_embeddings=raw.get("original_max_position_embeddings"),
         )
+
+    rope = rope_of(*(rope_fields_of or rope_fields(raw)))
+    local = rope_of(*local_rope_fields) if local_rope_fields is not None else rope
     act = raw.get(act_field, "silu")
     if act not in ACTIVATIONS:
         raise ConfigError(
@@ -326,6 +331,7 @@ def build(
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=max_pos,
         rope=rope,
+        rope_local=None if local == rope else local,
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,

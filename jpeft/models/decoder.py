@@ -154,11 +154,21 @@ class DecoderBase(nnx.Module):
     add their head and name their torch class.
     """
 
-    config: DecoderConfig
-    model: DecoderModel
-    dtype: Any
-    name_or_path: str | None
     task: str = ""
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        scan_layers: bool = False,
+    ):
+        self.config = config
+        self.model = DecoderModel(config, rngs=rngs, dtypes=(dtype, param_dtype), scan_layers=scan_layers)
+        self.dtype = dtype
+        self.name_or_path: str | None = None
 
     @property
     def torch_class_name(self) -> str:
@@ -247,13 +257,9 @@ class CausalLM(DecoderBase):
         param_dtype: Any = jnp.float32,
         scan_layers: bool = False,
     ):
-        self.config = config
-        dtypes = (dtype, param_dtype)
-        self.model = DecoderModel(config, rngs=rngs, dtypes=dtypes, scan_layers=scan_layers)
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
         if not config.tie_word_embeddings:
-            self.lm_head = head(config, config.vocab_size, dtypes, rngs)
-        self.dtype = dtype
-        self.name_or_path = None
+            self.lm_head = head(config, config.vocab_size, (dtype, param_dtype), rngs)
 
     def __call__(
         self,

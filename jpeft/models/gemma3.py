@@ -22,7 +22,6 @@ from typing import Any
 
 from jpeft.models.config import FULL, SLIDING, DecoderConfig, build, check_fields, rope_fields
 from jpeft.models.gemma2 import SOFTCAPS, gemma_fields
-from jpeft.models.rope import rope_from_config
 
 DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -44,19 +43,11 @@ def read_config(raw: Mapping[str, Any]) -> DecoderConfig:
             "neither does jpeft (outputs match transformers).",
             stacklevel=3,
         )
-    fields = gemma_fields(full)
-    head_dim = int(full.get("head_dim") or full["hidden_size"] // full["num_attention_heads"])
-    max_pos = int(full["max_position_embeddings"])
-    theta, scaling = rope_fields(full, 1000000.0, layer_type=FULL)
     nested = isinstance(full.get("rope_parameters"), Mapping) and SLIDING in full["rope_parameters"]
     if nested:
-        local_theta, local_scaling = rope_fields(full, 10000.0, layer_type=SLIDING)
+        local = rope_fields(full, 10000.0, layer_type=SLIDING)
     else:
-        local_theta, local_scaling = float(full["rope_local_base_freq"]), None
-    rope = rope_from_config(rope_theta=theta, rope_scaling=scaling, head_dim=head_dim, max_position_embeddings=max_pos)
-    local = rope_from_config(
-        rope_theta=local_theta, rope_scaling=local_scaling, head_dim=head_dim, max_position_embeddings=max_pos
-    )
+        local = (float(full["rope_local_base_freq"]), None)
     pattern = full.get("sliding_window_pattern") or 6
     return build(
         full,
@@ -64,7 +55,7 @@ def read_config(raw: Mapping[str, Any]) -> DecoderConfig:
         torch_class_name="Gemma3ForCausalLM",
         sliding_pattern=int(pattern),
         qk_norm=True,
-        rope=rope,
-        rope_local=None if local == rope else local,
-        **fields,
+        rope_fields_of=rope_fields(full, 1000000.0, layer_type=FULL),
+        local_rope_fields=local,
+        **gemma_fields(full),
     )
